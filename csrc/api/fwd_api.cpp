@@ -1,0 +1,79 @@
+#include "api/fwd_api.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include "launch/fwd_launch.h"
+
+namespace flash_attn2 {
+namespace {
+
+DType dtype_of(at::Tensor const& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::kFp16;
+    case at::kBFloat16: return DType::kBf16;
+    default: TORCH_CHECK(false, "flash_attn2: only float16 and bfloat16 are supported, got ", t.scalar_type());
+  }
+}
+
+void check_qkv(at::Tensor const& t, char const* name, at::Tensor const& q) {
+  TORCH_CHECK(t.is_cuda(), "flash_attn2: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == q.device(), "flash_attn2: ", name, " is on ", t.device(), " but q is on ", q.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flash_attn2: ", name, " has dtype ", t.scalar_type(),
+              " but q has ", q.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "flash_attn2: ", name, " must be (batch, seqlen, heads, head_dim), got ", t.dim(),
+              " dims");
+  TORCH_CHECK(t.stride(-1) == 1, "flash_attn2: ", name, " must be contiguous in its last dimension");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
+                                           double softmax_scale, bool causal) {
+  check_qkv(q, "q", q);
+  check_qkv(k, "k", q);
+  check_qkv(v, "v", q);
+  DType const dtype = dtype_of(q);
+  int64_t const batch = q.size(0), seqlen_q = q.size(1), num_heads = q.size(2), head_dim = q.size(3);
+  int64_t const seqlen_k = k.size(1), num_heads_k = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes(), "flash_attn2: k ", k.sizes(), " and v ", v.sizes(), " must have one shape");
+  TORCH_CHECK(k.size(0) == batch, "flash_attn2: batch of k (", k.size(0), ") differs from q (", batch, ")");
+  TORCH_CHECK(k.size(3) == head_dim, "flash_attn2: head_dim of k (", k.size(3), ") differs from q (", head_dim, ")");
+  TORCH_CHECK(num_heads_k > 0 && num_heads % num_heads_k == 0, "flash_attn2: num_heads (", num_heads,
+              ") must be a multiple of num_heads_k (", num_heads_k, ")");
+  TORCH_CHECK(seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX, "flash_attn2: sequence lengths must fit in int32");
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({batch, num_heads, seqlen_q}, q.options().dtype(at::kFloat));
+
+  FwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.softmax_lse = lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);
+  p.batch = int(batch);
+  p.seqlen_q = int(seqlen_q);
+  p.seqlen_k = int(seqlen_k);
+  p.num_heads = int(num_heads);
+  p.num_heads_k = int(num_heads_k);
+  p.head_dim = int(head_dim);
+  p.softmax_scale = float(softmax_scale);
+  p.dtype = dtype;
+  p.mask = causal ? MaskMode::kCausal : MaskMode::kNone;
+
+  Status const status = fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status.ok(), status.message);
+  return {out, lse};
+}
+
+std::string built_kernels_str() { return built_kernels(); }
+
+}  // namespace flash_attn2

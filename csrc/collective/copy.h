@@ -1,0 +1,35 @@
+// Predicated tile copies between global and shared memory.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+namespace flash_attn2 {
+
+using namespace cute;
+
+// Copies a thread's (CPY, CPY_ROWS, CPY_COLS) partition. Rows >= max_rows and columns >= max_cols
+// (tile-local coordinates read from `identity`, the same partition of an identity tensor) are outside
+// the source tensor: with kZeroFill their destination is cleared, since garbage (possibly NaN) in a K
+// or V tile would leak into every row through 0 * NaN; otherwise they are skipped.
+// Head dims are multiples of 8, so a 16-byte vector is either wholly in or wholly out.
+template <bool kZeroFill, class TiledCopy, class TensorS, class TensorD, class TensorC>
+CUTE_DEVICE void copy_tile(TiledCopy const& tiled_copy, TensorS const& src, TensorD&& dst,
+                           TensorC const& identity, int max_rows, int max_cols) {
+  CUTE_STATIC_ASSERT_V(rank(src) == Int<3>{});
+  CUTE_STATIC_ASSERT_V(size<1>(src) == size<1>(dst));
+  CUTE_STATIC_ASSERT_V(size<2>(src) == size<2>(dst));
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    bool const row_in = get<0>(identity(0, m, 0)) < max_rows;
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(src); ++k) {
+      if (row_in && get<1>(identity(0, m, k)) < max_cols) {
+        copy(tiled_copy, src(_, m, k), dst(_, m, k));
+      } else if constexpr (kZeroFill) {
+        clear(dst(_, m, k));
+      }
+    }
+  }
+}
+
+}  // namespace flash_attn2

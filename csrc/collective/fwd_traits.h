@@ -1,0 +1,86 @@
+// Every CuTe type of the sm80 (mma.sync) forward kernel, derived from (Element, kHeadDim) and the tile table.
+#pragma once
+
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "common/tile_config.h"
+
+namespace flash_attn2 {
+
+using namespace cute;
+
+template <class Element>
+using Sm80MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
+                                       MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>,
+                                       MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
+
+template <class Element_, int kHeadDim_>
+struct FwdTraitsSm80 {
+  using Element = Element_;
+  static_assert(std::is_same_v<Element, cutlass::half_t> || std::is_same_v<Element, cutlass::bfloat16_t>,
+                "fp16 and bf16 only");
+
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr FwdTile kTile = fwd_tile(kHeadDim);
+  static_assert(kTile.block_m > 0, "no row in fwd_tile() for this head dim");
+  static constexpr int kBlockM = kTile.block_m;
+  static constexpr int kBlockN = kTile.block_n;
+  static constexpr int kNWarps = kTile.num_warps;
+  static constexpr int kNThreads = kNWarps * 32;
+
+  // Warps tile M; each warp owns 16-row slabs. The N extent 16 (two 8-wide atoms) lets one ldmatrix.x4
+  // feed the B operand.
+  using TiledMma = TiledMMA<Sm80MmaAtom<Element>, Layout<Shape<Int<kNWarps>, _1, _1>>,
+                            Tile<Int<16 * kNWarps>, _16, _16>>;
+  static_assert(kBlockM % (16 * kNWarps) == 0, "block_m must be a multiple of 16 rows per warp");
+  static_assert(kBlockN % 16 == 0, "block_n must be a multiple of the 16-wide MMA N tile");
+  static_assert(kHeadDim % 32 == 0, "head dim kernels are multiples of 32");
+
+  // Shared-memory rows are 64 (or 32) elements wide swizzle atoms: 8 rows x 128 B (64 B) so that the
+  // 8 row addresses of one ldmatrix phase fall in different banks.
+  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
+  using SmemLayoutAtom = decltype(composition(
+      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // V viewed as (head_dim, block_n): the B operand of O += P V, read with transposing ldmatrix.
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutVtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutVt{}));
+  // The output tile is staged through Q's buffer: Q is dead once the last S = Q K^T is done.
+  using SmemLayoutO = SmemLayoutQ;
+
+  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
+  using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
+  using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
+
+  // Global <-> shared: 16-byte accesses, kGmemThreadsPerRow threads cover one swizzle-atom row.
+  static constexpr int kGmemElemsPerLoad = sizeof(cute::uint128_t) / sizeof(Element);
+  static_assert(kHeadDim % kGmemElemsPerLoad == 0, "head dim must be a multiple of 8");
+  static constexpr int kGmemThreadsPerRow = kBlockKSmem / kGmemElemsPerLoad;
+  static_assert(kNThreads % kGmemThreadsPerRow == 0, "threads must tile a row");
+  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+                                Stride<Int<kGmemThreadsPerRow>, _1>>;
+  // CACHEGLOBAL: K and V tiles are re-read by the other M blocks of the head, so keep them in L2, not L1.
+  using GmemTiledCopyQKV = decltype(make_tiled_copy(
+      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
+      Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
+  using GmemTiledCopyO = decltype(make_tiled_copy(
+      Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
+      Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
+  static_assert(kBlockM % (kNThreads / kGmemThreadsPerRow) == 0, "the Q copy must tile block_m");
+  static_assert(kBlockN % (kNThreads / kGmemThreadsPerRow) == 0, "the K/V copy must tile block_n");
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;   // also holds O in the epilogue
+    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+};
+
+}  // namespace flash_attn2

@@ -1,0 +1,63 @@
+// Mask policies: which key blocks a query block must visit, which of those need per-element masking,
+// and the masking itself. The main loop runs the masked blocks first (they hold the highest keys) and
+// the rest without a predicate.
+#pragma once
+
+#include <cmath>
+
+#include <cute/tensor.hpp>
+
+#include "common/params.h"
+
+namespace flash_attn2 {
+
+using namespace cute;
+
+template <MaskMode kMode, int kBlockM, int kBlockN>
+struct BlockMask {
+  int seqlen_q;
+  int seqlen_k;
+
+  // Bottom-right alignment: row i sees keys j <= i + diagonal_offset.
+  CUTE_DEVICE int diagonal_offset() const { return seqlen_k - seqlen_q; }
+
+  // One past the last key block that some valid row of m_block can see (0: the block sees nothing).
+  CUTE_DEVICE int n_block_end(int m_block) const {
+    int end = ceil_div(seqlen_k, kBlockN);
+    if constexpr (kMode == MaskMode::kCausal) {
+      int const last_row = min((m_block + 1) * kBlockM, seqlen_q) - 1;
+      int const keys_visible = last_row + diagonal_offset() + 1;  // keys [0, keys_visible)
+      end = keys_visible <= 0 ? 0 : min(end, ceil_div(keys_visible, kBlockN));
+    }
+    return end;
+  }
+
+  // Key blocks below this are fully visible to every row of m_block: no per-element predicate.
+  CUTE_DEVICE int n_block_unmasked_end(int m_block) const {
+    int end = seqlen_k / kBlockN;  // a partial last block needs its tail masked
+    if constexpr (kMode == MaskMode::kCausal) {
+      int const keys_visible_to_first_row = m_block * kBlockM + diagonal_offset() + 1;
+      end = keys_visible_to_first_row <= 0 ? 0 : min(end, keys_visible_to_first_row / kBlockN);
+    }
+    return end;
+  }
+
+  // Sets invisible scores to -inf. tScS is the accumulator's partition of an identity tensor:
+  // tile-local (row, col) for each score this thread holds.
+  template <class TensorS, class TensorC>
+  CUTE_DEVICE void apply(TensorS& acc_s, TensorC const& tScS, int m_block, int n_block) const {
+    CUTE_STATIC_ASSERT_V(size(acc_s) == size(tScS));
+    int const row0 = m_block * kBlockM;
+    int const col0 = n_block * kBlockN;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      int const row = row0 + get<0>(tScS(i));
+      int const col = col0 + get<1>(tScS(i));
+      bool visible = col < seqlen_k;
+      if constexpr (kMode == MaskMode::kCausal) { visible = visible && col <= row + diagonal_offset(); }
+      if (!visible) { acc_s(i) = -INFINITY; }
+    }
+  }
+};
+
+}  // namespace flash_attn2

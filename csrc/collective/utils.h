@@ -1,0 +1,62 @@
+// Small register-level helpers shared by the forward and backward kernels.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/array.h>
+#include <cutlass/numeric_conversion.h>
+
+namespace flash_attn2 {
+
+using namespace cute;
+
+// One MUFU.EX2 instead of exp2f's range handling: every caller feeds it scores already shifted by the
+// row max (<= 0) or -inf, for which the approximation is exact enough and ex2(-inf) = +0.
+CUTE_DEVICE float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The 4 lanes of a quad (lane % 4) share the rows of an sm80 MMA accumulator.
+CUTE_DEVICE float quad_allreduce_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+}
+CUTE_DEVICE float quad_allreduce_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 2);
+  return x + __shfl_xor_sync(0xffffffff, x, 1);
+}
+
+// (MMA=4, MMA_M, MMA_N) accumulator of an m16n8 MMA -> ((2, MMA_M), (2, MMA_N)) = (rows, cols).
+// Values 0,1 of the atom are one row's two adjacent columns, values 2,3 the row 8 below.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto acc_rowcol(Layout const& acc_layout) {
+  static_assert(decltype(rank(acc_layout))::value == 3, "expects (MMA, MMA_M, MMA_N)");
+  static_assert(decltype(size<0>(acc_layout))::value == 4, "expects the m16n8 accumulator");
+  auto l = logical_divide(acc_layout, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// (MMA=4, MMA_M, MMA_N) accumulator -> ((4, 2), MMA_M, MMA_N / 2): the A operand of an m16n8k16 MMA.
+// Two adjacent 8-column accumulator tiles hold exactly the 16 k-values one A fragment needs, so P
+// feeds the second GEMM straight from registers.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto acc_to_a_operand(Layout const& acc_layout) {
+  static_assert(decltype(size<2>(acc_layout))::value % 2 == 0, "MMA_N must be even");
+  auto l = logical_divide(acc_layout, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N / 2))
+  return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+}
+
+// Converts an fp32 register fragment to To, element pairs at a time, into a new owning fragment.
+template <class To, class Engine, class Layout>
+CUTE_DEVICE auto convert_fragment(Tensor<Engine, Layout> const& src) {
+  using From = typename Engine::value_type;
+  constexpr int kNumel = decltype(size(src))::value;
+  cutlass::NumericArrayConverter<To, From, kNumel> convert;
+  auto converted = convert(*reinterpret_cast<cutlass::Array<From, kNumel> const*>(raw_pointer_cast(src.data())));
+  Tensor dst = make_tensor<To>(src.layout());
+  *reinterpret_cast<cutlass::Array<To, kNumel>*>(raw_pointer_cast(dst.data())) = converted;
+  return dst;
+}
+
+}  // namespace flash_attn2

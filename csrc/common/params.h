@@ -1,0 +1,45 @@
+// Plain parameter structs shared by every layer below the torch API.
+// No torch and no CuTe types here: this header is part of the torch-free library's surface.
+#pragma once
+
+#include <cstdint>
+
+namespace flash_attn2 {
+
+// Element type of q, k, v and out. The accumulators are always fp32.
+enum class DType : int { kFp16 = 0, kBf16 = 1 };
+
+// Which keys a query row may see. Mutually exclusive modes are one enum, not a soup of bools.
+//   kNone:   every key.
+//   kCausal: key j is visible to row i iff j <= i + seqlen_k - seqlen_q (bottom-right aligned).
+enum class MaskMode : int { kNone = 0, kCausal = 1 };
+
+// Forward attention on dense (batch, seqlen, heads, head_dim) tensors.
+// Strides are in elements; the head_dim stride is 1 for every tensor.
+struct FwdParams {
+  void const* __restrict__ q = nullptr;
+  void const* __restrict__ k = nullptr;
+  void const* __restrict__ v = nullptr;
+  void* __restrict__ out = nullptr;
+  // (batch, num_heads, seqlen_q) fp32, contiguous: natural-log logsumexp of the scaled scores.
+  float* __restrict__ softmax_lse = nullptr;
+
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+
+  int batch = 0;
+  int seqlen_q = 0;
+  int seqlen_k = 0;
+  int num_heads = 0;
+  int num_heads_k = 0;  // num_heads % num_heads_k == 0 (MQA/GQA)
+  int head_dim = 0;     // the real head dim, a multiple of 8, <= the kernel's kHeadDim
+
+  float softmax_scale = 0.f;
+
+  DType dtype = DType::kBf16;
+  MaskMode mask = MaskMode::kNone;
+};
+
+}  // namespace flash_attn2

@@ -1,0 +1,186 @@
+// FlashAttention-2 forward on mma.sync (sm80, and sm90 through the same code).
+// One CTA per (query block, head, batch). The CTA keeps its Q tile in shared memory, walks the key
+// blocks from the last visible one down to the first, and keeps O, the running max and the running sum
+// in registers. K and V each have one shared buffer; their loads alternate so that one is always in
+// flight under the other's GEMM: K[n-1] streams in during softmax + P V of block n, V[n] during Q K[n]^T.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "collective/block_info.h"
+#include "collective/copy.h"
+#include "collective/gemm.h"
+#include "collective/mask.h"
+#include "collective/softmax.h"
+#include "collective/utils.h"
+#include "common/params.h"
+
+namespace flash_attn2 {
+
+using namespace cute;
+
+template <class Traits, MaskMode kMask>
+struct FlashFwdKernelSm80 {
+  using Element = typename Traits::Element;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kHeadDim = Traits::kHeadDim;
+  static constexpr int kNThreads = Traits::kNThreads;
+  static constexpr int kSmemBytes = Traits::kSmemBytes;
+  using SharedStorage = typename Traits::SharedStorage;
+  using Mask = BlockMask<kMask, kBlockM, kBlockN>;
+
+  static dim3 grid_shape(FwdParams const& p) {
+    return dim3(unsigned(ceil_div(p.seqlen_q, kBlockM)), unsigned(p.num_heads), unsigned(p.batch));
+  }
+
+  CUTE_DEVICE void operator()(FwdParams const& params, char* smem_buf) const {
+    int const tidx = threadIdx.x;
+    // Under a causal mask the last query blocks do the most work: schedule them first so the grid's
+    // tail is made of short blocks.
+    int const m_block = int(gridDim.x) - 1 - int(blockIdx.x);
+    int const head = blockIdx.y;
+    int const batch = blockIdx.z;
+
+    FwdBlockInfo const binfo(params, batch, head);
+    if (m_block * kBlockM >= binfo.seqlen_q) { return; }
+    Mask const mask{binfo.seqlen_q, binfo.seqlen_k};
+    int const n_block_min = 0;
+    int const n_block_max = mask.n_block_end(m_block);
+    int const head_dim = params.head_dim;
+    int const rows_q = binfo.seqlen_q - m_block * kBlockM;  // valid rows of this Q tile (may exceed kBlockM)
+
+    SharedStorage& storage = *reinterpret_cast<SharedStorage*>(smem_buf);
+
+    // Global tensors of this (batch, head); the head dim extent is the real one, the tiles are kHeadDim.
+    Tensor mQ = make_tensor(make_gmem_ptr(static_cast<Element const*>(params.q) + binfo.q_offset),
+                            make_shape(binfo.seqlen_q, head_dim), make_stride(params.q_row_stride, _1{}));
+    Tensor mK = make_tensor(make_gmem_ptr(static_cast<Element const*>(params.k) + binfo.k_offset),
+                            make_shape(binfo.seqlen_k, head_dim), make_stride(params.k_row_stride, _1{}));
+    Tensor mV = make_tensor(make_gmem_ptr(static_cast<Element const*>(params.v) + binfo.v_offset),
+                            make_shape(binfo.seqlen_k, head_dim), make_stride(params.v_row_stride, _1{}));
+    Tensor mO = make_tensor(make_gmem_ptr(static_cast<Element*>(params.out) + binfo.out_offset),
+                            make_shape(binfo.seqlen_q, head_dim), make_stride(params.out_row_stride, _1{}));
+    Tensor mLSE = make_tensor(make_gmem_ptr(params.softmax_lse + binfo.lse_offset), make_shape(binfo.seqlen_q));
+
+    Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
+    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockN, kHeadDim, n)
+    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockN, kHeadDim, n)
+    Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
+
+    Tensor sQ = make_tensor(make_smem_ptr(storage.q.data()), typename Traits::SmemLayoutQ{});   // (kBlockM, kHeadDim)
+    Tensor sK = make_tensor(make_smem_ptr(storage.k.data()), typename Traits::SmemLayoutKV{});  // (kBlockN, kHeadDim)
+    Tensor sV = make_tensor(make_smem_ptr(storage.v.data()), typename Traits::SmemLayoutKV{});  // (kBlockN, kHeadDim)
+    Tensor sVt = make_tensor(make_smem_ptr(storage.v.data()), typename Traits::SmemLayoutVt{});  // (kHeadDim, kBlockN)
+    Tensor sVtNoSwizzle =
+        make_tensor(make_smem_ptr(storage.v.data()), typename Traits::SmemLayoutVtNoSwizzle{});  // (kHeadDim, kBlockN)
+    Tensor sO = make_tensor(make_smem_ptr(storage.q.data()), typename Traits::SmemLayoutO{});   // (kBlockM, kHeadDim)
+
+    // Global -> shared copies, with identity tensors for the tail predicates.
+    typename Traits::GmemTiledCopyQKV gmem_tiled_copy;
+    auto gmem_thr_copy = gmem_tiled_copy.get_thread_slice(tidx);
+    Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_M, CPY_K)
+    Tensor tQsQ = gmem_thr_copy.partition_D(sQ);  // (CPY, CPY_M, CPY_K)
+    Tensor tKgK = gmem_thr_copy.partition_S(gK);  // (CPY, CPY_N, CPY_K, n)
+    Tensor tKsK = gmem_thr_copy.partition_D(sK);  // (CPY, CPY_N, CPY_K)
+    Tensor tVgV = gmem_thr_copy.partition_S(gV);  // (CPY, CPY_N, CPY_K, n)
+    Tensor tVsV = gmem_thr_copy.partition_D(sV);  // (CPY, CPY_N, CPY_K)
+    Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // (CPY, CPY_M, CPY_K) -> (row, col)
+    Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // (CPY, CPY_N, CPY_K) -> (row, col)
+
+    // Tensor-core partitions.
+    typename Traits::TiledMma tiled_mma;
+    auto thr_mma = tiled_mma.get_thread_slice(tidx);
+    Tensor tSrQ = thr_mma.partition_fragment_A(sQ);             // (MMA, MMA_M, MMA_K)
+    Tensor tSrK = thr_mma.partition_fragment_B(sK);             // (MMA, MMA_N, MMA_K)
+    Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);  // (MMA, MMA_K=head dim / 8, MMA_N=kBlockN / 16)
+    Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_K)
+    clear(acc_o);
+    // Tile-local (row, col) of each score this thread holds.
+    Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));  // (MMA, MMA_M, MMA_N)
+
+    // Shared -> register copies (ldmatrix), partitioned to match the MMA fragments.
+    auto smem_tiled_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+    auto smem_tiled_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+    auto smem_tiled_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+    Tensor tSsQ = smem_tiled_copy_q.get_thread_slice(tidx).partition_S(sQ);    // (CPY, MMA_M, MMA_K)
+    Tensor tSsK = smem_tiled_copy_k.get_thread_slice(tidx).partition_S(sK);    // (CPY, MMA_N, MMA_K)
+    Tensor tOsVt = smem_tiled_copy_v.get_thread_slice(tidx).partition_S(sVt);  // (CPY, MMA_K, MMA_N)
+
+    OnlineSoftmax<decltype(size<0>(acc_rowcol(acc_o.layout())))::value> softmax(
+        params.softmax_scale * float(M_LOG2E));
+
+    if (n_block_max > n_block_min) {
+      // Prologue: Q and the last key block (the only one that can be short) in flight together.
+      int n_block = n_block_max - 1;
+      copy_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
+      copy_tile<true>(gmem_tiled_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, binfo.seqlen_k - n_block * kBlockN,
+                      head_dim);
+      cp_async_fence();
+
+      auto step = [&](int n_block, auto needs_mask) {
+        Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
+        clear(acc_s);
+        cp_async_wait<0>();
+        __syncthreads();  // K[n] has landed, and every warp is done reading V[n + 1]
+        copy_tile<true>(gmem_tiled_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, binfo.seqlen_k - n_block * kBlockN,
+                        head_dim);
+        cp_async_fence();
+
+        gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_tiled_copy_q, smem_tiled_copy_k, tidx);
+        if constexpr (decltype(needs_mask)::value) { mask.apply(acc_s, tScS, m_block, n_block); }
+
+        cp_async_wait<0>();
+        __syncthreads();  // V[n] has landed, and every warp is done reading K[n]
+        if (n_block > n_block_min) {
+          copy_tile<true>(gmem_tiled_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, kBlockN, head_dim);
+          cp_async_fence();
+        }
+
+        softmax.update(acc_s, acc_o);
+        Tensor rP = convert_fragment<Element>(acc_s);
+        Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
+        gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
+      };
+
+      // The highest key blocks straddle the diagonal or the sequence end: masked. The rest run bare.
+      int const n_block_unmasked_end = max(mask.n_block_unmasked_end(m_block), n_block_min);
+      for (; n_block >= n_block_unmasked_end; --n_block) { step(n_block, cute::true_type{}); }
+      for (; n_block >= n_block_min; --n_block) { step(n_block, cute::false_type{}); }
+    }
+
+    // Epilogue: normalise, write lse, stage O through shared memory for 16-byte global stores.
+    Tensor lse = softmax.finalize(acc_o, params.softmax_scale);
+    Tensor rO = convert_fragment<Element>(acc_o);
+
+    Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
+    Tensor tOcO = thr_mma.partition_C(cO);  // (MMA, MMA_M, MMA_K) -> (row, col)
+    Tensor tOcO_rowcol = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));  // (rows, cols) -> (row, col)
+    if (get<1>(tOcO_rowcol(0, 0)) == 0) {  // the quad's first lane owns the row
+      CUTE_UNROLL
+      for (int r = 0; r < size(lse); ++r) {
+        int const row = get<0>(tOcO_rowcol(r, 0));
+        if (row < rows_q) { mLSE(m_block * kBlockM + row) = lse(r); }
+      }
+    }
+
+    auto smem_tiled_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
+    auto smem_thr_copy_o = smem_tiled_copy_o.get_thread_slice(tidx);
+    Tensor taccOrO = smem_thr_copy_o.retile_S(rO);   // (CPY, MMA_M, MMA_K)
+    Tensor taccOsO = smem_thr_copy_o.partition_D(sO);  // (CPY, MMA_M, MMA_K)
+    __syncthreads();  // every warp is done reading Q before O overwrites it
+    copy(smem_tiled_copy_o, taccOrO, taccOsO);
+    __syncthreads();
+
+    typename Traits::GmemTiledCopyO gmem_tiled_copy_o;
+    auto gmem_thr_copy_o = gmem_tiled_copy_o.get_thread_slice(tidx);
+    Tensor tOsO = gmem_thr_copy_o.partition_S(sO);  // (CPY, CPY_M, CPY_K)
+    Tensor tOgO = gmem_thr_copy_o.partition_D(gO);  // (CPY, CPY_M, CPY_K)
+    Tensor tOcO_copy = gmem_thr_copy_o.partition_D(cO);  // (CPY, CPY_M, CPY_K) -> (row, col)
+    Tensor tOrO = make_fragment_like(tOsO);
+    copy(gmem_tiled_copy_o, tOsO, tOrO);
+    copy_tile<false>(gmem_tiled_copy_o, tOrO, tOgO, tOcO_copy, rows_q, head_dim);
+  }
+};
+
+}  // namespace flash_attn2

@@ -1,0 +1,97 @@
+// Runtime -> compile-time dispatch for the forward: one table, generated from the same list as the
+// instantiation files, and one lookup that ends in an error naming what was built.
+#include <sstream>
+
+#include "launch/fwd_launch.h"
+
+namespace flash_attn2 {
+namespace {
+
+struct FwdKernel {
+  DType dtype;
+  int head_dim;
+  MaskMode mask;
+  cudaError_t (*run)(FwdParams const&, cudaStream_t);
+  int (*smem_bytes)();
+};
+
+#define FLASH_ATTN2_FWD_KERNEL(DTYPE, HDIM, MASK)                                         \
+  FwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, &run_fwd<DType::DTYPE, HDIM, MaskMode::MASK>, \
+            &fwd_smem_bytes<DType::DTYPE, HDIM, MaskMode::MASK>},
+FwdKernel const kFwdKernels[] = {
+#include "instantiations/fwd_table.inc"
+    FwdKernel{DType::kBf16, 0, MaskMode::kNone, nullptr, nullptr},  // sentinel: the table may be empty
+};
+#undef FLASH_ATTN2_FWD_KERNEL
+
+char const* dtype_name(DType d) { return d == DType::kFp16 ? "fp16" : "bf16"; }
+char const* mask_name(MaskMode m) { return m == MaskMode::kCausal ? "causal" : "none"; }
+
+// CUDA's grid limit on y and z, where heads and batch go.
+constexpr int kMaxGridYZ = 65535;
+constexpr int kMaxHeadDim = 256;
+
+}  // namespace
+
+std::string built_kernels() {
+  std::ostringstream os;
+  for (FwdKernel const& k : kFwdKernels) {
+    if (k.run == nullptr) { continue; }
+    os << "fwd " << dtype_name(k.dtype) << " " << k.head_dim << " " << mask_name(k.mask) << "\n";
+  }
+  return os.str();
+}
+
+Status fwd(FwdParams const& p, cudaStream_t stream) {
+  std::ostringstream err;
+  if (p.head_dim <= 0 || p.head_dim > kMaxHeadDim || p.head_dim % 8 != 0) {
+    err << "flash_attn2: head_dim must be a multiple of 8 in [8, " << kMaxHeadDim << "], got " << p.head_dim;
+    return {err.str()};
+  }
+  if (p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) {
+    err << "flash_attn2: num_heads (" << p.num_heads << ") must be a multiple of num_heads_k (" << p.num_heads_k << ")";
+    return {err.str()};
+  }
+  if (p.batch > kMaxGridYZ || p.num_heads > kMaxGridYZ) {
+    err << "flash_attn2: batch and num_heads must be <= " << kMaxGridYZ << ", got " << p.batch << " and " << p.num_heads;
+    return {err.str()};
+  }
+  if (!(p.softmax_scale > 0.f)) {
+    err << "flash_attn2: softmax_scale must be positive and finite, got " << p.softmax_scale;
+    return {err.str()};
+  }
+  FwdKernel const* best = nullptr;
+  for (FwdKernel const& k : kFwdKernels) {
+    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.head_dim < p.head_dim) { continue; }
+    if (best == nullptr || k.head_dim < best->head_dim) { best = &k; }
+  }
+  if (best == nullptr) {
+    err << "flash_attn2: no forward kernel was built for dtype " << dtype_name(p.dtype) << ", head dim "
+        << p.head_dim << ", mask " << mask_name(p.mask) << ". Built:\n"
+        << built_kernels()
+        << "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).";
+    return {err.str()};
+  }
+  if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) { return {}; }
+
+  int device = 0;
+  int smem_optin = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) {
+    status = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
+  if (status != cudaSuccess) { return {std::string("flash_attn2: ") + cudaGetErrorString(status)}; }
+  int const smem = best->smem_bytes();
+  if (smem > smem_optin) {
+    err << "flash_attn2: the head dim " << best->head_dim << " kernel needs " << smem
+        << " bytes of shared memory per block; this GPU offers " << smem_optin;
+    return {err.str()};
+  }
+  status = best->run(p, stream);
+  if (status != cudaSuccess) {
+    return {std::string("flash_attn2: forward kernel launch failed: ") + cudaGetErrorString(status)};
+  }
+  return {};
+}
+
+}  // namespace flash_attn2

@@ -1,0 +1,42 @@
+// Launches one forward kernel instantiation. Included only by the generated instantiation files.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cutlass/numeric_types.h>
+
+#include "collective/fwd_traits.h"
+#include "kernel/flash_fwd_kernel_sm80.h"
+#include "launch/fwd_launch.h"
+
+namespace flash_attn2 {
+
+template <DType kDType>
+using ElementOf = std::conditional_t<kDType == DType::kFp16, cutlass::half_t, cutlass::bfloat16_t>;
+
+template <class Kernel>
+__global__ void __launch_bounds__(Kernel::kNThreads) fwd_device_kernel(CUTE_GRID_CONSTANT FwdParams const params) {
+  extern __shared__ __align__(128) char smem_buf[];
+  Kernel{}(params, smem_buf);
+}
+
+template <DType kDType, int kHeadDim, MaskMode kMask>
+cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream) {
+  using Traits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim>;
+  using Kernel = FlashFwdKernelSm80<Traits, kMask>;
+  auto kernel = &fwd_device_kernel<Kernel>;
+  constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
+  if constexpr (Kernel::kSmemBytes > kDefaultSmemLimit) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
+    if (err != cudaSuccess) { return err; }
+  }
+  kernel<<<Kernel::grid_shape(params), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <DType kDType, int kHeadDim, MaskMode kMask>
+int fwd_smem_bytes() {
+  return FwdTraitsSm80<ElementOf<kDType>, kHeadDim>::kSmemBytes;
+}
+
+}  // namespace flash_attn2
