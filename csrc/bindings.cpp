@@ -6,11 +6,18 @@
 
 TORCH_LIBRARY(flash_attn2, m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal) -> (Tensor out, Tensor softmax_lse)");
-  m.def("built_kernels() -> str", &flash_attn2::built_kernels_str);
 }
 
 TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) { m.impl("fwd", &flash_attn2::mha_fwd); }
 
-// `import flash_attn2._C` loads this library, which registers the ops above; the module itself is empty.
-static PyModuleDef flash_attn2_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// `import flash_attn2._C` loads this library, which registers the ops above. The module itself offers
+// one plain function, built_kernels(), the list of compiled kernels (no tensors: not an op).
+static PyObject* built_kernels(PyObject*, PyObject*) {
+  return PyUnicode_FromString(flash_attn2::built_kernels_str().c_str());
+}
+static PyMethodDef flash_attn2_methods[] = {
+    {"built_kernels", built_kernels, METH_NOARGS, "Compiled kernels, one per line: '<dir> <dtype> <hdim> <mask>'."},
+    {nullptr, nullptr, 0, nullptr},
+};
+static PyModuleDef flash_attn2_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, flash_attn2_methods};
 PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&flash_attn2_module); }

@@ -5,8 +5,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include "common/strings.h"
 #include "launch/fwd_launch.h"
 
+// Messages are built with str_cat and handed to TORCH_CHECK as one std::string, which c10 passes
+// through as is; see common/strings.h for why no iostream formatting happens in this library.
 namespace flash_attn2 {
 namespace {
 
@@ -14,18 +17,22 @@ DType dtype_of(at::Tensor const& t) {
   switch (t.scalar_type()) {
     case at::kHalf: return DType::kFp16;
     case at::kBFloat16: return DType::kBf16;
-    default: TORCH_CHECK(false, "flash_attn2: only float16 and bfloat16 are supported, got ", t.scalar_type());
+    default:
+      TORCH_CHECK(false, str_cat("flash_attn2: only float16 and bfloat16 are supported, got ",
+                                 c10::toString(t.scalar_type())));
   }
 }
 
 void check_qkv(at::Tensor const& t, char const* name, at::Tensor const& q) {
-  TORCH_CHECK(t.is_cuda(), "flash_attn2: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == q.device(), "flash_attn2: ", name, " is on ", t.device(), " but q is on ", q.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flash_attn2: ", name, " has dtype ", t.scalar_type(),
-              " but q has ", q.scalar_type());
-  TORCH_CHECK(t.dim() == 4, "flash_attn2: ", name, " must be (batch, seqlen, heads, head_dim), got ", t.dim(),
-              " dims");
-  TORCH_CHECK(t.stride(-1) == 1, "flash_attn2: ", name, " must be contiguous in its last dimension");
+  TORCH_CHECK(t.is_cuda(), str_cat("flash_attn2: ", name, " must be a CUDA tensor"));
+  TORCH_CHECK(t.device() == q.device(), str_cat("flash_attn2: ", name, " is on ", t.device().str(), " but q is on ",
+                                                q.device().str()));
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), str_cat("flash_attn2: ", name, " has dtype ",
+                                                          c10::toString(t.scalar_type()), " but q has ",
+                                                          c10::toString(q.scalar_type())));
+  TORCH_CHECK(t.dim() == 4, str_cat("flash_attn2: ", name, " must be (batch, seqlen, heads, head_dim), got ", t.dim(),
+                                    " dims"));
+  TORCH_CHECK(t.stride(-1) == 1, str_cat("flash_attn2: ", name, " must be contiguous in its last dimension"));
 }
 
 }  // namespace
@@ -38,11 +45,10 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const
   DType const dtype = dtype_of(q);
   int64_t const batch = q.size(0), seqlen_q = q.size(1), num_heads = q.size(2), head_dim = q.size(3);
   int64_t const seqlen_k = k.size(1), num_heads_k = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes(), "flash_attn2: k ", k.sizes(), " and v ", v.sizes(), " must have one shape");
-  TORCH_CHECK(k.size(0) == batch, "flash_attn2: batch of k (", k.size(0), ") differs from q (", batch, ")");
-  TORCH_CHECK(k.size(3) == head_dim, "flash_attn2: head_dim of k (", k.size(3), ") differs from q (", head_dim, ")");
-  TORCH_CHECK(num_heads_k > 0 && num_heads % num_heads_k == 0, "flash_attn2: num_heads (", num_heads,
-              ") must be a multiple of num_heads_k (", num_heads_k, ")");
+  TORCH_CHECK(k.sizes() == v.sizes(), "flash_attn2: k and v must have the same shape");
+  TORCH_CHECK(k.size(0) == batch, str_cat("flash_attn2: batch of k (", k.size(0), ") differs from q (", batch, ")"));
+  TORCH_CHECK(k.size(3) == head_dim,
+              str_cat("flash_attn2: head_dim of k (", k.size(3), ") differs from q (", head_dim, ")"));
   TORCH_CHECK(seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX, "flash_attn2: sequence lengths must fit in int32");
 
   c10::cuda::CUDAGuard device_guard(q.device());
@@ -69,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const
   p.dtype = dtype;
   p.mask = causal ? MaskMode::kCausal : MaskMode::kNone;
 
+  // num_heads % num_heads_k, head_dim limits and the kernel choice are checked by the dispatcher.
   Status const status = fwd(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status.ok(), status.message);
   return {out, lse};

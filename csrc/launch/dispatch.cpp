@@ -1,7 +1,8 @@
 // Runtime -> compile-time dispatch for the forward: one table, generated from the same list as the
 // instantiation files, and one lookup that ends in an error naming what was built.
-#include <sstream>
+#include <cmath>
 
+#include "common/strings.h"
 #include "launch/fwd_launch.h"
 
 namespace flash_attn2 {
@@ -34,31 +35,26 @@ constexpr int kMaxHeadDim = 256;
 }  // namespace
 
 std::string built_kernels() {
-  std::ostringstream os;
+  std::string lines;
   for (FwdKernel const& k : kFwdKernels) {
     if (k.run == nullptr) { continue; }
-    os << "fwd " << dtype_name(k.dtype) << " " << k.head_dim << " " << mask_name(k.mask) << "\n";
+    lines += str_cat("fwd ", dtype_name(k.dtype), " ", k.head_dim, " ", mask_name(k.mask), "\n");
   }
-  return os.str();
+  return lines;
 }
 
 Status fwd(FwdParams const& p, cudaStream_t stream) {
-  std::ostringstream err;
   if (p.head_dim <= 0 || p.head_dim > kMaxHeadDim || p.head_dim % 8 != 0) {
-    err << "flash_attn2: head_dim must be a multiple of 8 in [8, " << kMaxHeadDim << "], got " << p.head_dim;
-    return {err.str()};
+    return {str_cat("flash_attn2: head_dim must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", p.head_dim)};
   }
   if (p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) {
-    err << "flash_attn2: num_heads (" << p.num_heads << ") must be a multiple of num_heads_k (" << p.num_heads_k << ")";
-    return {err.str()};
+    return {str_cat("flash_attn2: num_heads (", p.num_heads, ") must be a multiple of num_heads_k (", p.num_heads_k, ")")};
   }
   if (p.batch > kMaxGridYZ || p.num_heads > kMaxGridYZ) {
-    err << "flash_attn2: batch and num_heads must be <= " << kMaxGridYZ << ", got " << p.batch << " and " << p.num_heads;
-    return {err.str()};
+    return {str_cat("flash_attn2: batch and num_heads must be <= ", kMaxGridYZ, ", got ", p.batch, " and ", p.num_heads)};
   }
-  if (!(p.softmax_scale > 0.f)) {
-    err << "flash_attn2: softmax_scale must be positive and finite, got " << p.softmax_scale;
-    return {err.str()};
+  if (!(p.softmax_scale > 0.f && std::isfinite(p.softmax_scale))) {
+    return {str_cat("flash_attn2: softmax_scale must be positive and finite, got ", p.softmax_scale)};
   }
   FwdKernel const* best = nullptr;
   for (FwdKernel const& k : kFwdKernels) {
@@ -66,11 +62,7 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
     if (best == nullptr || k.head_dim < best->head_dim) { best = &k; }
   }
   if (best == nullptr) {
-    err << "flash_attn2: no forward kernel was built for dtype " << dtype_name(p.dtype) << ", head dim "
-        << p.head_dim << ", mask " << mask_name(p.mask) << ". Built:\n"
-        << built_kernels()
-        << "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).";
-    return {err.str()};
+    return {str_cat("flash_attn2: no forward kernel was built for dtype ", dtype_name(p.dtype), ", head dim ", p.head_dim, ", mask ", mask_name(p.mask), ". Built:\n", built_kernels(), "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).")};
   }
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) { return {}; }
 
@@ -80,16 +72,14 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
   if (status == cudaSuccess) {
     status = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  if (status != cudaSuccess) { return {std::string("flash_attn2: ") + cudaGetErrorString(status)}; }
+  if (status != cudaSuccess) { return {str_cat("flash_attn2: ", cudaGetErrorString(status))}; }
   int const smem = best->smem_bytes();
   if (smem > smem_optin) {
-    err << "flash_attn2: the head dim " << best->head_dim << " kernel needs " << smem
-        << " bytes of shared memory per block; this GPU offers " << smem_optin;
-    return {err.str()};
+    return {str_cat("flash_attn2: the head dim ", best->head_dim, " kernel needs ", smem, " bytes of shared memory per block; this GPU offers ", smem_optin)};
   }
   status = best->run(p, stream);
   if (status != cudaSuccess) {
-    return {std::string("flash_attn2: forward kernel launch failed: ") + cudaGetErrorString(status)};
+    return {str_cat("flash_attn2: forward kernel launch failed: ", cudaGetErrorString(status))};
   }
   return {};
 }
