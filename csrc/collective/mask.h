@@ -42,19 +42,25 @@ struct BlockMask {
     return end;
   }
 
-  // Sets invisible scores to -inf. tScS is the accumulator's partition of an identity tensor:
-  // tile-local (row, col) for each score this thread holds.
+  // Sets invisible scores to -inf. Coordinates of an MMA partition are affine in (thread, value):
+  // coord(thread, i) = coord(thread, 0) + coord(0, i). So tScS0, thread 0's partition of an identity
+  // tensor, gives compile-time offsets, and each score costs one compare of an immediate against a limit
+  // computed once per block, instead of per-score coordinates held in registers across the main loop.
+  // row_base/col_base: this thread's first (row, col) in the tile.
   template <class TensorS, class TensorC>
-  CUTE_DEVICE void apply(TensorS& acc_s, TensorC const& tScS, int m_block, int n_block) const {
-    CUTE_STATIC_ASSERT_V(size(acc_s) == size(tScS));
-    int const row0 = m_block * kBlockM;
-    int const col0 = n_block * kBlockN;
+  CUTE_DEVICE void apply(TensorS& acc_s, TensorC const& tScS0, int row_base, int col_base, int m_block,
+                         int n_block) const {
+    CUTE_STATIC_ASSERT_V(size(acc_s) == size(tScS0));
+    int const col_first = n_block * kBlockN + col_base;
+    int const col_limit = seqlen_k - col_first;  // visible iff col offset < col_limit
+    // causal: col_first + c <= m_block * kBlockM + row_base + r + diagonal_offset()
+    int const diagonal_limit = m_block * kBlockM + row_base + diagonal_offset() - col_first;
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
-      int const row = row0 + get<0>(tScS(i));
-      int const col = col0 + get<1>(tScS(i));
-      bool visible = col < seqlen_k;
-      if constexpr (kMode == MaskMode::kCausal) { visible = visible && col <= row + diagonal_offset(); }
+      int const r = get<0>(tScS0(i));
+      int const c = get<1>(tScS0(i));
+      bool visible = c < col_limit;
+      if constexpr (kMode == MaskMode::kCausal) { visible = visible && c - r <= diagonal_limit; }
       if (!visible) { acc_s(i) = -INFINITY; }
     }
   }

@@ -7,6 +7,7 @@ struct FwdTile {
   int block_m;    // query rows per CTA
   int block_n;    // key rows per main-loop step
   int num_warps;  // Q is split across warps along M; 16 rows per warp per MMA
+  int min_blocks_per_sm = 1;  // occupancy target: caps registers at 64K / (threads * this)
 };
 
 // Reasons per row. Shared memory is Q (block_m x d) + K and V (block_n x d each), 2 bytes per element.

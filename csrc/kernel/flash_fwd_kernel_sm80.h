@@ -26,6 +26,7 @@ struct FlashFwdKernelSm80 {
   static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kHeadDim = Traits::kHeadDim;
   static constexpr int kNThreads = Traits::kNThreads;
+  static constexpr int kMinBlocksPerSm = Traits::kMinBlocksPerSm;
   static constexpr int kSmemBytes = Traits::kSmemBytes;
   using SharedStorage = typename Traits::SharedStorage;
   using Mask = BlockMask<kMask, kBlockM, kBlockN>;
@@ -96,8 +97,11 @@ struct FlashFwdKernelSm80 {
     Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);  // (MMA, MMA_K=head dim / 8, MMA_N=kBlockN / 16)
     Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_K)
     clear(acc_o);
-    // Tile-local (row, col) of each score this thread holds.
-    Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));  // (MMA, MMA_M, MMA_N)
+    // Tile-local (row, col) of the scores: this thread's first one, and thread 0's as static offsets.
+    Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tScS0 = tiled_mma.get_thread_slice(0).partition_C(cS);  // (MMA, MMA_M, MMA_N) -> (row, col)
+    int const score_row_base = get<0>(thr_mma.partition_C(cS)(0));
+    int const score_col_base = get<1>(thr_mma.partition_C(cS)(0));
 
     // Shared -> register copies (ldmatrix), partitioned to match the MMA fragments.
     auto smem_tiled_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
@@ -128,7 +132,7 @@ struct FlashFwdKernelSm80 {
         cp_async_fence();
 
         gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_tiled_copy_q, smem_tiled_copy_k, tidx);
-        if constexpr (decltype(needs_mask)::value) { mask.apply(acc_s, tScS, m_block, n_block); }
+        if constexpr (decltype(needs_mask)::value) { mask.apply(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block); }
 
         cp_async_wait<0>();
         __syncthreads();  // V[n] has landed, and every warp is done reading K[n]
@@ -140,7 +144,7 @@ struct FlashFwdKernelSm80 {
         softmax.update(acc_s, acc_o);
         Tensor rP = convert_fragment<Element>(acc_s);
         Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
-        gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
+        gemm_rs<Traits::kPrefetchPV>(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
       };
 
       // The highest key blocks straddle the diagonal or the sequence end: masked. The rest run bare.

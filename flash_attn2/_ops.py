@@ -1,0 +1,163 @@
+"""The bridge to the compiled extension ``flash_attn2._C``.
+
+Importing ``_C`` registers the op ``torch.ops.flash_attn2.fwd``; the plain function
+``_C.built_kernels()`` lists the compiled kernels (it takes no tensors, so it is not an op).
+This module remembers whether the import worked (``import flash_attn2`` must work without it, e.g.
+on CPU-only machines), reads back which kernels the build contains, registers the fake (meta)
+implementation that torch.compile and ``torch.library.opcheck`` need, and explains refusals.
+"""
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+try:
+    from flash_attn2 import _C  # noqa: F401  (imported for its side effect: the op registrations)
+except ImportError as _error:
+    _C = None
+    _IMPORT_ERROR = _error
+else:
+    _IMPORT_ERROR = None
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+"""The dtypes the kernels are built for, by the names ``built_kernels()`` uses."""
+
+MIN_COMPUTE_CAPABILITY = (8, 0)
+"""The kernels use sm80 instructions (cp.async, bf16 mma)."""
+
+BUILD_HINT = (
+    "Build it from a source checkout with `pip install --no-build-isolation .` or "
+    "`python setup.py build_ext --inplace`. FLASH_ATTN2_HEAD_DIMS, FLASH_ATTN2_DTYPES and "
+    "FLASH_ATTN2_ARCHS restrict the build (e.g. FLASH_ATTN2_HEAD_DIMS=64,128 FLASH_ATTN2_DTYPES=bf16) "
+    "and so must include what you want to run."
+)
+
+
+class KernelKey(NamedTuple):
+    """One compiled forward kernel: ``dtype`` in {"fp16", "bf16"}, ``mask`` in {"none", "causal"}."""
+
+    dtype: str
+    head_dim: int
+    mask: str
+
+
+def extension_available() -> bool:
+    """Whether ``flash_attn2._C`` imported, i.e. the CUDA path can run at all."""
+    return _C is not None
+
+
+def extension_import_error():
+    """The ``ImportError`` raised by importing ``flash_attn2._C``, or None if it imported."""
+    return _IMPORT_ERROR
+
+
+def _missing_extension_message() -> str:
+    return f"flash_attn2: the CUDA extension flash_attn2._C is not available ({_IMPORT_ERROR}). {BUILD_HINT}"
+
+
+def parse_built_kernels(text: str) -> frozenset:
+    """Parse the lines ``fwd <dtype> <hdim> <mask>`` of ``built_kernels()`` into KernelKeys.
+
+    Lines of other directions (a later backward) are skipped; a malformed forward line is an error,
+    because a misread build would make dispatch refuse or accept the wrong calls.
+    """
+    kernels = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0] != "fwd":
+            continue
+        if len(fields) != 4 or fields[1] not in DTYPE_NAMES.values() or not fields[2].isdigit() \
+                or fields[3] not in ("none", "causal"):
+            raise RuntimeError(f"flash_attn2: cannot parse built_kernels() line {line!r}")
+        kernels.add(KernelKey(fields[1], int(fields[2]), fields[3]))
+    return frozenset(kernels)
+
+
+@functools.cache
+def built_kernels() -> frozenset:
+    """The forward kernels this build compiled, as a frozenset of KernelKey (empty without ``_C``)."""
+    if _C is None:
+        return frozenset()
+    return parse_built_kernels(_C.built_kernels())
+
+
+# Functions marked assume_constant_result are evaluated once by torch.compile at trace time (they read
+# the GPU and the build, which a graph cannot) instead of breaking the graph. Their arguments are
+# therefore never shapes, which may be symbolic under dynamic shapes.
+
+
+@torch.compiler.assume_constant_result
+def describe_build() -> str:
+    """One line listing the compiled kernels, for refusal messages."""
+    kernels = sorted(built_kernels())
+    listed = ", ".join(f"{k.dtype} hdim {k.head_dim} {k.mask}" for k in kernels) or "none"
+    return f"This build has: {listed}."
+
+
+def _mask_name(causal: bool) -> str:
+    return "causal" if causal else "none"
+
+
+@torch.compiler.assume_constant_result
+def cuda_refusal(device: torch.device, dtype: torch.dtype, causal: bool) -> str:
+    """Why no kernel of this build can run (dtype, mask) on this GPU at all; '' when one can."""
+    if _C is None:
+        return _missing_extension_message()
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_COMPUTE_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return (
+            f"flash_attn2: {device} ({name}) has compute capability {capability[0]}.{capability[1]}; "
+            f"the kernels need {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or newer (Ampere, Ada, Hopper)."
+        )
+    if largest_head_dim(dtype, causal) == 0:
+        return (
+            f"flash_attn2: no kernel for dtype {DTYPE_NAMES[dtype]} with mask {_mask_name(causal)} was "
+            f"compiled. {describe_build()} {BUILD_HINT}"
+        )
+    return ""
+
+
+@torch.compiler.assume_constant_result
+def largest_head_dim(dtype: torch.dtype, causal: bool) -> int:
+    """The largest head dim compiled for (dtype, mask), 0 if none. A head dim d (padded to a multiple
+    of 8) runs on the smallest compiled kernel whose head dim is >= d, so this is the limit."""
+    served = [k.head_dim for k in built_kernels() if k.dtype == DTYPE_NAMES[dtype] and k.mask == _mask_name(causal)]
+    return max(served, default=0)
+
+
+def head_dim_refusal(dtype: torch.dtype, head_dim: int, causal: bool) -> str:
+    """The message for a head dim larger than every kernel compiled for (dtype, mask)."""
+    return (
+        f"flash_attn2: head dim {head_dim} needs a kernel with head dim >= {head_dim} for dtype "
+        f"{DTYPE_NAMES[dtype]} with mask {_mask_name(causal)}, and this build's largest is "
+        f"{largest_head_dim(dtype, causal)}. {describe_build()} {BUILD_HINT}"
+    )
+
+
+def fwd(q, k, v, softmax_scale: float, causal: bool):
+    """``torch.ops.flash_attn2.fwd``: kernel-ready q, k, v (CUDA, fp16/bf16, head dim a multiple of
+    8, stride(-1) == 1) to ``(out, lse)``. Raises a RuntimeError saying how to build if ``_C`` is absent.
+
+    An empty output is returned without a launch: there is nothing to compute, and a grid with a
+    zero dimension is an invalid CUDA launch configuration.
+    """
+    if _C is None:
+        raise RuntimeError(_missing_extension_message())
+    batch, seqlen_q, nheads, _ = q.shape
+    if q.numel() == 0:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        return out, q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+    return torch.ops.flash_attn2.fwd(q, k, v, softmax_scale, causal)
+
+
+if _C is not None:
+
+    @torch.library.register_fake("flash_attn2::fwd")
+    def _fwd_fake(q, k, v, softmax_scale, causal):
+        """Shapes of the op's outputs: ``out`` like q but contiguous, ``lse`` float32 (b, h, s_q)."""
+        batch, seqlen_q, nheads, head_dim = q.shape
+        out = q.new_empty((batch, seqlen_q, nheads, head_dim))
+        lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+        return out, lse
