@@ -8,21 +8,15 @@ namespace flash_attn2 {
 
 using namespace cute;
 
-// kPrefetch = false loads each slice right before its MMAs: one slice of registers fewer, for GEMMs
-// whose accumulator already fills the register file (other warps hide the ldmatrix latency).
-template <bool kPrefetch = true, class Acc, class FragA, class FragB, class LoadSlice, class TiledMma>
+template <class Acc, class FragA, class FragB, class LoadSlice, class TiledMma>
 CUTE_DEVICE void gemm_pipelined(Acc& acc, FragA const& tCrA, FragB const& tCrB, LoadSlice&& load_slice,
                                 TiledMma const& tiled_mma) {
   constexpr int kSlices = decltype(size<2>(tCrA))::value;
   static_assert(kSlices == decltype(size<2>(tCrB))::value, "A and B disagree on MMA_K");
-  if constexpr (kPrefetch) { load_slice(Int<0>{}); }
+  load_slice(Int<0>{});
   CUTE_UNROLL
   for (int k = 0; k < kSlices; ++k) {
-    if constexpr (kPrefetch) {
-      if (k + 1 < kSlices) { load_slice(k + 1); }
-    } else {
-      load_slice(k);
-    }
+    if (k + 1 < kSlices) { load_slice(k + 1); }
     cute::gemm(tiled_mma, tCrA(_, _, k), tCrB(_, _, k), acc);
   }
 }
@@ -46,14 +40,14 @@ CUTE_DEVICE void gemm_ss(Acc& acc, FragA& tCrA, FragB& tCrB, SmemA const& tCsA, 
 }
 
 // acc += A B with A already in registers (P in O += P V).
-template <bool kPrefetch = true, class Acc, class FragA, class FragB, class SmemB, class TiledMma, class CopyB>
+template <class Acc, class FragA, class FragB, class SmemB, class TiledMma, class CopyB>
 CUTE_DEVICE void gemm_rs(Acc& acc, FragA const& tCrA, FragB& tCrB, SmemB const& tCsB,
                          TiledMma const& tiled_mma, CopyB const& copy_b, int thread_idx) {
   auto thr_copy_b = copy_b.get_thread_slice(thread_idx);
   Tensor tCrB_view = thr_copy_b.retile_D(tCrB);  // (CPY, MMA_N, MMA_K)
   CUTE_STATIC_ASSERT_V(size<1>(tCsB) == size<1>(tCrB_view));
-  gemm_pipelined<kPrefetch>(acc, tCrA, tCrB, [&](auto k) { copy(copy_b, tCsB(_, _, k), tCrB_view(_, _, k)); },
-                            tiled_mma);
+  gemm_pipelined(acc, tCrA, tCrB, [&](auto k) { copy(copy_b, tCsB(_, _, k), tCrB_view(_, _, k)); },
+                 tiled_mma);
 }
 
 }  // namespace flash_attn2

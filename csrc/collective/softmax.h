@@ -26,33 +26,54 @@ struct OnlineSoftmax {
     clear(row_sum);
   }
 
+  // Rescaling O costs one multiply per accumulator (head_dim / 4 per row per thread): as many as the
+  // exponentials. The running max only has to bound the scores well enough that exp2 cannot overflow,
+  // so it is raised only when some row of the warp grows by more than kRescaleThreshold (in log2 units);
+  // otherwise the stale max stays the shift. Exact either way: P <= 2^kRescaleThreshold fits fp16 and
+  // bf16, and the sum and the output use the same shift.
+  static constexpr float kRescaleThreshold = 8.f;
+
   // Takes one block of raw scores acc_s (MMA, MMA_M, MMA_N); leaves exp'd unnormalised probabilities
-  // in acc_s and rescales the output accumulator acc_o (MMA, MMA_M, MMA_K) to the new running max.
+  // in acc_s and rescales the output accumulator acc_o (MMA, MMA_M, MMA_K) when the max moved.
   template <class TensorS, class TensorO>
   CUTE_DEVICE void update(TensorS& acc_s, TensorO& acc_o) {
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
     Tensor out = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));     // (rows, head_dim cols)
     static_assert(decltype(size<0>(scores))::value == kRows, "row count mismatch");
+    float new_max[kRows];
+    bool grows = false;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float new_max = row_max(r);
+      new_max[r] = row_max(r);
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(scores); ++c) { new_max = fmaxf(new_max, scores(r, c)); }
-      new_max = quad_allreduce_max(new_max);
-      // -inf guard: a row that has seen only masked keys keeps max = -inf; shifting by 0 instead keeps
-      // exp2(-inf - shift) = 0 rather than exp2(-inf + inf) = NaN.
-      float const shift = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      float const correction = exp2_approx(row_max(r) * scale_log2 - shift);
-      row_max(r) = new_max;
+      for (int c = 0; c < size<1>(scores); ++c) { new_max[r] = fmaxf(new_max[r], scores(r, c)); }
+      new_max[r] = quad_allreduce_max(new_max[r]);
+      // A row at -inf (no visible key yet) always takes the new max.
+      grows |= row_max(r) == -INFINITY || (new_max[r] - row_max(r)) * scale_log2 > kRescaleThreshold;
+    }
+    if (__any_sync(0xffffffff, grows)) {  // warp-uniform: the multiplies are skipped for the whole warp
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(out); ++c) { out(r, c) *= correction; }
+      for (int r = 0; r < kRows; ++r) {
+        // -inf guard: a row that has seen only masked keys keeps max = -inf; shifting by 0 instead keeps
+        // exp2(-inf - shift) = 0 rather than exp2(-inf + inf) = NaN.
+        float const shift = new_max[r] == -INFINITY ? 0.f : new_max[r] * scale_log2;
+        float const correction = exp2_approx(row_max(r) * scale_log2 - shift);
+        row_max(r) = new_max[r];
+        row_sum(r) *= correction;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(out); ++c) { out(r, c) *= correction; }
+      }
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float const shift = row_max(r) == -INFINITY ? 0.f : row_max(r) * scale_log2;
       float block_sum = 0.f;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) {
         scores(r, c) = exp2_approx(scores(r, c) * scale_log2 - shift);
         block_sum += scores(r, c);
       }
-      row_sum(r) = row_sum(r) * correction + block_sum;
+      row_sum(r) += block_sum;
     }
   }
 

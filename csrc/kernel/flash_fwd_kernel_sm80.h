@@ -53,21 +53,20 @@ struct FlashFwdKernelSm80 {
 
     SharedStorage& storage = *reinterpret_cast<SharedStorage*>(smem_buf);
 
-    // Global tensors of this (batch, head); the head dim extent is the real one, the tiles are kHeadDim.
-    Tensor mQ = make_tensor(make_gmem_ptr(static_cast<Element const*>(params.q) + binfo.q_offset),
-                            make_shape(binfo.seqlen_q, head_dim), make_stride(params.q_row_stride, _1{}));
-    Tensor mK = make_tensor(make_gmem_ptr(static_cast<Element const*>(params.k) + binfo.k_offset),
-                            make_shape(binfo.seqlen_k, head_dim), make_stride(params.k_row_stride, _1{}));
-    Tensor mV = make_tensor(make_gmem_ptr(static_cast<Element const*>(params.v) + binfo.v_offset),
-                            make_shape(binfo.seqlen_k, head_dim), make_stride(params.v_row_stride, _1{}));
-    Tensor mO = make_tensor(make_gmem_ptr(static_cast<Element*>(params.out) + binfo.out_offset),
-                            make_shape(binfo.seqlen_q, head_dim), make_stride(params.out_row_stride, _1{}));
+    // Global tiles. Each tile's base pointer is computed in 64 bits; offsets inside a tile are 32-bit
+    // (the dispatcher checks row_stride * block rows < 2^31), which keeps per-copy addresses cheap
+    // enough that they need not stay live in registers across the main loop.
+    Element const* const q_ptr = static_cast<Element const*>(params.q) + binfo.q_offset;
+    Element const* const k_ptr = static_cast<Element const*>(params.k) + binfo.k_offset;
+    Element const* const v_ptr = static_cast<Element const*>(params.v) + binfo.v_offset;
+    Element* const o_ptr = static_cast<Element*>(params.out) + binfo.out_offset;
+    auto tile = [](auto* base, int64_t row_stride, int block, auto rows) {  // (rows, kHeadDim)
+      return make_tensor(make_gmem_ptr(base + int64_t(block) * decltype(rows)::value * row_stride),
+                         make_layout(make_shape(rows, Int<kHeadDim>{}), make_stride(int(row_stride), _1{})));
+    };
+    Tensor gQ = tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{});  // (kBlockM, kHeadDim)
+    Tensor gO = tile(o_ptr, params.out_row_stride, m_block, Int<kBlockM>{});  // (kBlockM, kHeadDim)
     Tensor mLSE = make_tensor(make_gmem_ptr(params.softmax_lse + binfo.lse_offset), make_shape(binfo.seqlen_q));
-
-    Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
-    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockN, kHeadDim, n)
-    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (kBlockN, kHeadDim, n)
-    Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (kBlockM, kHeadDim)
 
     Tensor sQ = make_tensor(make_smem_ptr(storage.q.data()), typename Traits::SmemLayoutQ{});   // (kBlockM, kHeadDim)
     Tensor sK = make_tensor(make_smem_ptr(storage.k.data()), typename Traits::SmemLayoutKV{});  // (kBlockN, kHeadDim)
@@ -82,10 +81,11 @@ struct FlashFwdKernelSm80 {
     auto gmem_thr_copy = gmem_tiled_copy.get_thread_slice(tidx);
     Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_M, CPY_K)
     Tensor tQsQ = gmem_thr_copy.partition_D(sQ);  // (CPY, CPY_M, CPY_K)
-    Tensor tKgK = gmem_thr_copy.partition_S(gK);  // (CPY, CPY_N, CPY_K, n)
     Tensor tKsK = gmem_thr_copy.partition_D(sK);  // (CPY, CPY_N, CPY_K)
-    Tensor tVgV = gmem_thr_copy.partition_S(gV);  // (CPY, CPY_N, CPY_K, n)
     Tensor tVsV = gmem_thr_copy.partition_D(sV);  // (CPY, CPY_N, CPY_K)
+    // (CPY, CPY_N, CPY_K) source partitions of key block n
+    auto tKgK = [&](int n) { return gmem_thr_copy.partition_S(tile(k_ptr, params.k_row_stride, n, Int<kBlockN>{})); };
+    auto tVgV = [&](int n) { return gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n, Int<kBlockN>{})); };
     Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // (CPY, CPY_M, CPY_K) -> (row, col)
     Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // (CPY, CPY_N, CPY_K) -> (row, col)
 
@@ -118,7 +118,7 @@ struct FlashFwdKernelSm80 {
       // Prologue: Q and the last key block (the only one that can be short) in flight together.
       int n_block = n_block_max - 1;
       copy_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
-      copy_tile<true>(gmem_tiled_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, binfo.seqlen_k - n_block * kBlockN,
+      copy_tile<true>(gmem_tiled_copy, tKgK(n_block), tKsK, tKVcKV, binfo.seqlen_k - n_block * kBlockN,
                       head_dim);
       cp_async_fence();
 
@@ -127,7 +127,7 @@ struct FlashFwdKernelSm80 {
         clear(acc_s);
         cp_async_wait<0>();
         __syncthreads();  // K[n] has landed, and every warp is done reading V[n + 1]
-        copy_tile<true>(gmem_tiled_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, binfo.seqlen_k - n_block * kBlockN,
+        copy_tile<true>(gmem_tiled_copy, tVgV(n_block), tVsV, tKVcKV, binfo.seqlen_k - n_block * kBlockN,
                         head_dim);
         cp_async_fence();
 
@@ -137,14 +137,14 @@ struct FlashFwdKernelSm80 {
         cp_async_wait<0>();
         __syncthreads();  // V[n] has landed, and every warp is done reading K[n]
         if (n_block > n_block_min) {
-          copy_tile<true>(gmem_tiled_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, kBlockN, head_dim);
+          copy_tile<true>(gmem_tiled_copy, tKgK(n_block - 1), tKsK, tKVcKV, kBlockN, head_dim);
           cp_async_fence();
         }
 
         softmax.update(acc_s, acc_o);
         Tensor rP = convert_fragment<Element>(acc_s);
         Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
-        gemm_rs<Traits::kPrefetchPV>(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
+        gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
       };
 
       // The highest key blocks straddle the diagonal or the sequence end: masked. The rest run bare.

@@ -1,6 +1,7 @@
 // Runtime -> compile-time dispatch for the forward: one table, generated from the same list as the
 // instantiation files, and one lookup that ends in an error naming what was built.
 #include <cmath>
+#include <cstdint>
 
 #include "common/strings.h"
 #include "launch/fwd_launch.h"
@@ -55,6 +56,13 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
   }
   if (!(p.softmax_scale > 0.f && std::isfinite(p.softmax_scale))) {
     return {str_cat("flash_attn2: softmax_scale must be positive and finite, got ", p.softmax_scale)};
+  }
+  // Offsets inside one tile are 32-bit in the kernels (tiles have at most kMaxTileRows rows).
+  constexpr int64_t kMaxTileRows = 128;
+  for (int64_t stride : {p.q_row_stride, p.k_row_stride, p.v_row_stride, p.out_row_stride}) {
+    if (stride < 0 || stride * kMaxTileRows > INT32_MAX) {
+      return {str_cat("flash_attn2: row strides must be in [0, 2^31 / ", kMaxTileRows, "), got ", stride)};
+    }
   }
   FwdKernel const* best = nullptr;
   for (FwdKernel const& k : kFwdKernels) {
