@@ -1,6 +1,8 @@
 // The one table of forward tile sizes. Nothing else restates these numbers: traits derive from them.
 #pragma once
 
+#include "common/params.h"
+
 namespace flash_attn2 {
 
 struct FwdTile {
@@ -10,18 +12,23 @@ struct FwdTile {
   int min_blocks_per_sm = 1;  // occupancy target: caps registers at 64K / (threads * this)
 };
 
-// Reasons per row. Shared memory is Q (block_m x d) + K and V (block_n x d each), 2 bytes per element.
-// Registers dominate: each thread holds block_m*d/threads fp32 of O plus block_m*block_n/threads of S.
-constexpr FwdTile fwd_tile(int head_dim) {
+// Reasons per row, measured on an H200 (bf16, 16k tokens per batch, width 2048; benchmarks/PERF_LOG.md).
+// Shared memory is Q (block_m x d) + K and V (block_n x d each), 2 bytes per element. Registers decide:
+// each thread holds block_m * d / threads fp32 of O plus block_m * block_n / threads of S, and a tile
+// that makes ptxas spill loses more than its larger key step gains.
+constexpr FwdTile fwd_tile(int head_dim, MaskMode mask) {
+  bool const causal = mask == MaskMode::kCausal;
   switch (head_dim) {
     // Small d: loads are cheap relative to the S tile, so a wide key step amortises the softmax.
-    // 24 KB smem; several CTAs fit per SM.
+    // 24 KB smem. (Spills 28 B; not yet measured against narrower tiles.)
     case 32: return {128, 128, 4};
-    // 128x128: S and O each take 64 fp32 registers per thread; 48 KB smem.
-    case 64: return {128, 64, 4};
-    // d=96 uses a 32-column swizzle atom; 128x64 keeps O (96 regs) + S (64 regs) under 255.
+    // Non-causal: 128x128 beat 128x64 by 6% at 1k and 2% at 4k despite ~180 B of spills.
+    // Causal: 128x64 (no spills) beat 128x128 by 2-3%: its diagonal steps are narrower.
+    case 64: return causal ? FwdTile{128, 64, 4} : FwdTile{128, 128, 4};
+    // d=96 uses a 32-column swizzle atom; 128x64 keeps O (96 regs) + S (64 regs) without spills.
     case 96: return {128, 64, 4};
-    // O takes 128 registers per thread: a 64-key step keeps S at 64 registers without spills. 64 KB smem.
+    // O takes 128 registers per thread. 128x64 beat 128x32 (no spills) by 5-10% at 1k-16k, and 8 warps
+    // (128x64, 128x128) or 64x64 by 10-15%. 64 KB smem: 2 CTAs per SM.
     case 128: return {128, 64, 4};
     // O would need 192 registers with 4 warps: 8 warps halve it. 80 KB smem.
     case 192: return {128, 64, 8};

@@ -31,17 +31,21 @@ struct FlashFwdKernelSm80 {
   using SharedStorage = typename Traits::SharedStorage;
   using Mask = BlockMask<kMask, kBlockM, kBlockN>;
 
-  static dim3 grid_shape(FwdParams const& p) {
-    return dim3(unsigned(ceil_div(p.seqlen_q, kBlockM)), unsigned(p.num_heads), unsigned(p.batch));
+  // One flat grid dimension (x allows 2^31 - 1 blocks; y and z only 65535, less than batch or heads may
+  // be). The query blocks of one (batch, head) are consecutive, so they share K and V in L2.
+  static int64_t num_blocks(FwdParams const& p) {
+    return int64_t(ceil_div(p.seqlen_q, kBlockM)) * p.num_heads * p.batch;
   }
 
   CUTE_DEVICE void operator()(FwdParams const& params, char* smem_buf) const {
     int const tidx = threadIdx.x;
+    int const num_m_blocks = (params.seqlen_q + kBlockM - 1) / kBlockM;
+    int const bh = int(blockIdx.x) / num_m_blocks;
     // Under a causal mask the last query blocks do the most work: schedule them first so the grid's
     // tail is made of short blocks.
-    int const m_block = int(gridDim.x) - 1 - int(blockIdx.x);
-    int const head = blockIdx.y;
-    int const batch = blockIdx.z;
+    int const m_block = num_m_blocks - 1 - (int(blockIdx.x) - bh * num_m_blocks);
+    int const head = bh % params.num_heads;
+    int const batch = bh / params.num_heads;
 
     FwdBlockInfo const binfo(params, batch, head);
     if (m_block * kBlockM >= binfo.seqlen_q) { return; }

@@ -29,8 +29,6 @@ FwdKernel const kFwdKernels[] = {
 char const* dtype_name(DType d) { return d == DType::kFp16 ? "fp16" : "bf16"; }
 char const* mask_name(MaskMode m) { return m == MaskMode::kCausal ? "causal" : "none"; }
 
-// CUDA's grid limit on y and z, where heads and batch go.
-constexpr int kMaxGridYZ = 65535;
 constexpr int kMaxHeadDim = 256;
 
 }  // namespace
@@ -51,8 +49,13 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
   if (p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) {
     return {str_cat("flash_attn2: num_heads (", p.num_heads, ") must be a multiple of num_heads_k (", p.num_heads_k, ")")};
   }
-  if (p.batch > kMaxGridYZ || p.num_heads > kMaxGridYZ) {
-    return {str_cat("flash_attn2: batch and num_heads must be <= ", kMaxGridYZ, ", got ", p.batch, " and ", p.num_heads)};
+  if (p.batch < 0 || p.num_heads < 0 || p.seqlen_q < 0 || p.seqlen_k < 0) {
+    return {str_cat("flash_attn2: negative sizes")};
+  }
+  // One CTA per (query block, head, batch) in a flat grid of at most 2^31 - 1 blocks. Every kernel's
+  // query block has at least 16 rows, so this bound is conservative.
+  if ((int64_t(p.seqlen_q) + 15) / 16 * p.num_heads * p.batch > INT32_MAX) {
+    return {str_cat("flash_attn2: batch * num_heads * seqlen_q is too large for one launch")};
   }
   if (!(p.softmax_scale > 0.f && std::isfinite(p.softmax_scale))) {
     return {str_cat("flash_attn2: softmax_scale must be positive and finite, got ", p.softmax_scale)};

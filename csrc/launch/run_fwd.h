@@ -1,6 +1,8 @@
 // Launches one forward kernel instantiation. Included only by the generated instantiation files.
 #pragma once
 
+#include <cstdint>
+
 #include <cuda_runtime.h>
 #include <cutlass/numeric_types.h>
 
@@ -21,7 +23,7 @@ __global__ void __launch_bounds__(Kernel::kNThreads, Kernel::kMinBlocksPerSm) fw
 
 template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream) {
-  using Traits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim>;
+  using Traits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask>;
   using Kernel = FlashFwdKernelSm80<Traits, kMask>;
   auto kernel = &fwd_device_kernel<Kernel>;
   constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
@@ -30,13 +32,15 @@ cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
     if (err != cudaSuccess) { return err; }
   }
-  kernel<<<Kernel::grid_shape(params), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
+  int64_t const blocks = Kernel::num_blocks(params);
+  if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
+  kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
   return cudaGetLastError();
 }
 
 template <DType kDType, int kHeadDim, MaskMode kMask>
 int fwd_smem_bytes() {
-  return FwdTraitsSm80<ElementOf<kDType>, kHeadDim>::kSmemBytes;
+  return FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask>::kSmemBytes;
 }
 
 }  // namespace flash_attn2
