@@ -3,12 +3,15 @@
 
 Shapes are small (batch 1, 2 heads) and chosen to end mid-tile (65) as well as on a tile boundary
 (128), with and without the causal mask, plus s_q != s_k in both directions (bottom-right causal
-alignment, rows that see no key). It uses the first dtype and the smallest head dim of this build.
+alignment, rows that see no key). It covers one head dim per kernel family of this build (4 warps with
+the 64-column swizzle, d=96's 32-column swizzle, 8 warps), each also at a head dim 8 below the kernel's
+(the predicated-column path) and with GQA (2 query heads on 1 KV head).
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own allocation: otherwise an
 out-of-bounds access that lands inside PyTorch's cached pool is invisible to memcheck.
 """
 
+import itertools
 import os
 import sys
 
@@ -17,6 +20,7 @@ import torch
 SHAPES = ((65, 65), (128, 128), (65, 128), (128, 65))  # (seqlen_q, seqlen_k)
 BATCH, NHEADS = 1, 2
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+FAMILIES = ((64, 32, 128), (96,), (256, 192))  # kernel head dims sharing one code shape; first built wins
 
 
 def import_flash_attn2():
@@ -33,23 +37,29 @@ def main():
     kernels = sorted(flash_attn2.built_kernels(), key=lambda key: (key.head_dim, key.dtype))
     if not kernels:
         raise SystemExit("sanitize_fwd.py: this build has no forward kernels (is flash_attn2._C built?)")
-    dtype_name, head_dim = kernels[0].dtype, kernels[0].head_dim
+    dtype_name = kernels[0].dtype
     dtype = DTYPES[dtype_name]
+    built = {tuple(key) for key in kernels}
+    cases = []  # (head_dim, nheads_k): per family, the kernel's own head dim with GQA, and 8 below it
+    for family in FAMILIES:
+        found = [d for d in family if any(key.head_dim == d and key.dtype == dtype_name for key in kernels)]
+        if found:
+            cases += [(found[0], 1), (found[0] - 8, NHEADS)]
     worst = 0.0
-    for seqlen_q, seqlen_k in SHAPES:
-        for causal in (False, True):
-            if (dtype_name, head_dim, "causal" if causal else "none") not in {tuple(key) for key in kernels}:
-                continue
-            torch.manual_seed(0)
-            q = torch.randn(BATCH, seqlen_q, NHEADS, head_dim, device="cuda", dtype=dtype)
-            k, v = (torch.randn(BATCH, seqlen_k, NHEADS, head_dim, device="cuda", dtype=dtype) for _ in range(2))
-            out = flash_attn2.flash_attn_func(q, k, v, causal=causal)
-            torch.cuda.synchronize()
-            ref, _ = flash_attn2.reference.attention_ref(q, k, v, causal=causal)
-            err = (out.float() - ref.float()).abs().max().item()
-            worst = max(worst, err)
-            print(f"{dtype_name} hdim {head_dim} s_q {seqlen_q:3d} s_k {seqlen_k:3d} causal {causal!s:5s}: "
-                  f"max |out - fp32 ref| {err:.2e}", flush=True)
+    for (head_dim, nheads_k), (seqlen_q, seqlen_k), causal in itertools.product(cases, SHAPES, (False, True)):
+        kernel_head_dim = min(d for (dt, d, _) in built if dt == dtype_name and d >= head_dim)
+        if (dtype_name, kernel_head_dim, "causal" if causal else "none") not in built:
+            continue
+        torch.manual_seed(0)
+        q = torch.randn(BATCH, seqlen_q, NHEADS, head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.randn(BATCH, seqlen_k, nheads_k, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        out = flash_attn2.flash_attn_func(q, k, v, causal=causal)
+        torch.cuda.synchronize()
+        ref, _ = flash_attn2.reference.attention_ref(q, k, v, causal=causal)
+        err = (out.float() - ref.float()).abs().max().item()
+        worst = max(worst, err)
+        print(f"{dtype_name} hdim {head_dim} h_k {nheads_k} s_q {seqlen_q:3d} s_k {seqlen_k:3d} "
+              f"causal {causal!s:5s}: max |out - fp32 ref| {err:.2e}", flush=True)
     print(f"done; worst error {worst:.2e}")
 
 
