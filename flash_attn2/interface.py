@@ -100,6 +100,16 @@ def _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes) -> None
         raise NotImplementedError("flash_attn2: ALiBi is not implemented yet; pass alibi_slopes=None")
 
 
+def _kernel_ready(t):
+    """The kernels read rows with 16-byte loads: the last dim contiguous, and the start and every other
+    stride a multiple of 8 elements. Any strides meeting that run as they are; others get one copy.
+    (storage_offset, not data_ptr, so torch.compile can trace it; allocations themselves are aligned.)"""
+    aligned = t.stride(-1) == 1 and t.storage_offset() % HEAD_DIM_MULTIPLE == 0 and all(
+        stride % HEAD_DIM_MULTIPLE == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1
+    )
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)
+
+
 def _attention_cuda(q, k, v, softmax_scale, causal):
     refusal = _ops.cuda_refusal(q.device, q.dtype, causal)
     if refusal:
@@ -112,8 +122,8 @@ def _attention_cuda(q, k, v, softmax_scale, causal):
     if padded_dim != head_dim:  # the pad also makes each tensor contiguous
         pad = (0, padded_dim - head_dim)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-    else:  # the kernels take any strides but the last; copy only when that one is not 1
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    else:
+        q, k, v = (_kernel_ready(t) for t in (q, k, v))
 
     out, lse = FlashAttnFunction.apply(q, k, v, softmax_scale, causal)
     if padded_dim != head_dim:

@@ -150,20 +150,35 @@ def _layouts(head_dim, dtype, seqlen_q=113, seqlen_k=203, nheads_k=2):
     def batch_broadcast(seqlen, heads):  # batch stride 0
         return torch.randn(1, seqlen, heads, head_dim, dtype=dtype, device="cuda").expand(b, -1, -1, -1)
 
-    makers = {"head_dim_slice": wide, "bhsd": bhsd, "last_dim_strided": strided_last, "batch_stride_0": batch_broadcast}
+    def misaligned(seqlen, heads):  # stride(-1) == 1 but starting 3 elements in: not 16-byte aligned
+        return torch.randn(b * seqlen * heads * head_dim + 3, dtype=dtype, device="cuda")[3:].view(
+            b, seqlen, heads, head_dim)
+
+    makers = {"head_dim_slice": wide, "bhsd": bhsd, "last_dim_strided": strided_last, "batch_stride_0": batch_broadcast,
+              "misaligned_start": misaligned}
     return {
         name: (make(seqlen_q, h), make(seqlen_k, nheads_k), make(seqlen_k, nheads_k)) for name, make in makers.items()
     }
 
 
-@pytest.mark.parametrize("layout", ["head_dim_slice", "bhsd", "last_dim_strided", "batch_stride_0"])
+@pytest.mark.parametrize("layout", ["head_dim_slice", "bhsd", "last_dim_strided", "batch_stride_0", "misaligned_start"])
 @pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
 def test_non_contiguous_inputs(kernel, layout):
     causal = kernel.mask == "causal"
     q, k, v = _layouts(kernel.head_dim, TORCH_DTYPES[kernel.dtype])[layout]
-    assert not q.is_contiguous()
+    assert layout == "misaligned_start" or not q.is_contiguous()
     out, lse = run_poisoned(q, k, v, causal)
     assert_matches_reference(out, lse, q, k, v, causal)
+
+
+@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+def test_op_refuses_misaligned_tensor_instead_of_faulting(kernel):
+    """The raw op (the C++ checks, below the Python layer's copy) raises on a 16-byte-misaligned start."""
+    q, k, v = _layouts(kernel.head_dim, TORCH_DTYPES[kernel.dtype])["misaligned_start"]
+    with pytest.raises(RuntimeError, match="16-byte boundary"):
+        torch.ops.flash_attn2.fwd(q, k, v, 0.125, kernel.mask == "causal")
+    torch.cuda.synchronize()  # the context is still healthy
+    assert torch.isfinite(flash_attn_func(q, k, v)).all()
 
 
 @pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())

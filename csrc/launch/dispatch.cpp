@@ -67,6 +67,25 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
       return {str_cat("flash_attn2: row strides must be in [0, 2^31 / ", kMaxTileRows, "), got ", stride)};
     }
   }
+  // 16-byte (8-element) vector loads and stores: every tensor must start on 16 bytes and step by
+  // multiples of 8 elements along each dimension that has more than one entry.
+  constexpr int64_t kVector = 8;
+  struct Operand { char const* name; void const* ptr; int64_t batch, row, head; int heads; int rows; };
+  Operand const operands[] = {
+      {"q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.num_heads, p.seqlen_q},
+      {"k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.num_heads_k, p.seqlen_k},
+      {"v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.num_heads_k, p.seqlen_k},
+      {"out", p.out, p.out_batch_stride, p.out_row_stride, p.out_head_stride, p.num_heads, p.seqlen_q},
+  };
+  for (Operand const& t : operands) {
+    bool const aligned = reinterpret_cast<uintptr_t>(t.ptr) % (kVector * 2) == 0 &&
+                         (p.batch <= 1 || t.batch % kVector == 0) && (t.rows <= 1 || t.row % kVector == 0) &&
+                         (t.heads <= 1 || t.head % kVector == 0);
+    if (!aligned) {
+      return {str_cat("flash_attn2: ", t.name, " must start on a 16-byte boundary and have batch, row and head ",
+                      "strides that are multiples of 8 elements (make it contiguous)")};
+    }
+  }
   FwdKernel const* best = nullptr;
   for (FwdKernel const& k : kFwdKernels) {
     if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.head_dim < p.head_dim) { continue; }
