@@ -168,7 +168,7 @@ def extension_and_cmdclass():
     extension = cpp_extension.CUDAExtension(
         name="flash_attn2._C",
         sources=hand_written_sources() + generate_kernel_sources(),
-        include_dirs=[os.path.join(ROOT, CSRC_DIR)] + cutlass_include_dirs(),
+        include_dirs=[os.path.join(ROOT, CSRC_DIR), os.path.join(ROOT, CSRC_DIR, "include")] + cutlass_include_dirs(),
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_flags(archs)},
     )
     return extension, {"build_ext": cpp_extension.BuildExtension}

@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "instantiations"))
     parser.add_argument("--head-dims", help="e.g. 64,128 (default: FLASH_ATTN2_HEAD_DIMS or all)")
     parser.add_argument("--dtypes", help="e.g. bf16,fp16 (default: FLASH_ATTN2_DTYPES or all)")
-    parser.add_argument("--list", action="store_true", help="print the .cu paths, one per line (for CMake)")
+    parser.add_argument("--list", action="store_true", help="print the .cu paths, one per line (CMake reads them)")
     args = parser.parse_args(argv)
     env = parse_env()
     head_dims = _parse_list(args.head_dims, HEAD_DIMS, "--head-dims", int) if args.head_dims else env["head_dims"]
     dtypes = _parse_list(args.dtypes, DTYPES, "--dtypes") if args.dtypes else env["dtypes"]
     paths = write(args.out, select(head_dims, dtypes))
     if args.list:
-        print(";".join(paths) if os.environ.get("FLASH_ATTN2_LIST_SEP") == ";" else "\n".join(paths))
+        print("\n".join(paths))
     return 0
 
 

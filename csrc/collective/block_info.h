@@ -4,7 +4,7 @@
 
 #include <cute/config.hpp>
 
-#include "common/params.h"
+#include "flash_attn2/params.h"
 
 namespace flash_attn2 {
 

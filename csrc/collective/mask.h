@@ -7,7 +7,7 @@
 
 #include <cute/tensor.hpp>
 
-#include "common/params.h"
+#include "flash_attn2/params.h"
 
 namespace flash_attn2 {
 

@@ -1,7 +1,7 @@
 // The one table of forward tile sizes. Nothing else restates these numbers: traits derive from them.
 #pragma once
 
-#include "common/params.h"
+#include "flash_attn2/params.h"
 
 namespace flash_attn2 {
 

@@ -13,7 +13,7 @@
 #include "collective/mask.h"
 #include "collective/softmax.h"
 #include "collective/utils.h"
-#include "common/params.h"
+#include "flash_attn2/params.h"
 
 namespace flash_attn2 {
 

@@ -1,12 +1,9 @@
-// The torch-free entry points of the forward: what the generated instantiations define and what the
-// dispatcher offers to the torch API and to C++ servers. No CuTe or CUTLASS types here.
+// What the generated instantiation files define, for the dispatcher. No CuTe or CUTLASS types here.
 #pragma once
-
-#include <string>
 
 #include <cuda_runtime.h>
 
-#include "common/params.h"
+#include "flash_attn2/flash_attn2.h"
 
 namespace flash_attn2 {
 
@@ -15,19 +12,5 @@ template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim, MaskMode kMask>
 int fwd_smem_bytes();
-
-// An error status with a message; never exits the process.
-struct Status {
-  std::string message;  // empty on success
-  bool ok() const { return message.empty(); }
-};
-
-// Picks the compiled kernel for params (the smallest kernel head dim >= params.head_dim), checks what
-// the device can run, and launches it on stream. Sequence lengths of 0 are handled (no launch for
-// seqlen_q == 0; seqlen_k == 0 gives out = 0, lse = +inf).
-Status fwd(FwdParams const& params, cudaStream_t stream);
-
-// The compiled forward kernels, one per line: "fwd <fp16|bf16> <head dim> <none|causal>".
-std::string built_kernels();
 
 }  // namespace flash_attn2

@@ -1,5 +1,5 @@
 // Plain parameter structs shared by every layer below the torch API.
-// No torch and no CuTe types here: this header is part of the torch-free library's surface.
+// No torch and no CuTe types here: installed as part of the torch-free C++ library (<flash_attn2/params.h>).
 #pragma once
 
 #include <cstdint>

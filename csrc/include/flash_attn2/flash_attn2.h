@@ -1,0 +1,55 @@
+// flash_attn2: the torch-free C++ API. Link flash_attn2::flash_attn2 (or flash_attn2::flash_attn2_static)
+// and include this header; a consumer needs the CUDA runtime and nothing of CUTLASS, CuTe or torch.
+//
+//   flash_attn2::FwdParams p;            // raw device pointers, element strides, sizes (params.h)
+//   ... fill p; allocate out like q and softmax_lse with fwd_lse_bytes(p) ...
+//   flash_attn2::Status s = flash_attn2::fwd(p, stream);
+//   if (!s.ok()) { std::fprintf(stderr, "%s\n", s.message.c_str()); }
+//
+// Errors come back as a Status with a message; the library never exits the process.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "flash_attn2/params.h"
+
+namespace flash_attn2 {
+
+inline constexpr char kVersion[] = "0.1.0";
+
+// An error status with a message; empty on success.
+struct Status {
+  std::string message;
+  bool ok() const { return message.empty(); }
+};
+
+// Forward attention: out = softmax(q k^T * softmax_scale) v per (batch, head), with the mask of p.mask.
+//   q:   (batch, seqlen_q, num_heads, head_dim)      p.q,   strides q_*_stride, head-dim stride 1
+//   k,v: (batch, seqlen_k, num_heads_k, head_dim)    p.k/v, strides k_*/v_*_stride
+//   out: (batch, seqlen_q, num_heads, head_dim)      p.out, caller-allocated, same dtype as q
+//   softmax_lse: fp32 (batch, num_heads, seqlen_q), contiguous, caller-allocated (fwd_lse_bytes):
+//        natural-log logsumexp of the scaled scores per row; +inf for a row that sees no key
+//        (its out row is 0). A backward pass reads it.
+// Requirements (checked; a violation returns an error): fp16 or bf16; head_dim a multiple of 8 and
+// <= 256, and a kernel for it built (built_kernels()); num_heads % num_heads_k == 0; every pointer
+// 16-byte aligned and every batch/row/head stride a multiple of 8 elements; softmax_scale > 0.
+// Launches on `stream` and returns without synchronising; launch errors are reported, errors inside
+// the kernel surface at the next synchronisation as usual in CUDA.
+Status fwd(FwdParams const& params, cudaStream_t stream);
+
+// Bytes of softmax_lse that fwd writes: batch * num_heads * seqlen_q floats.
+inline size_t fwd_lse_bytes(FwdParams const& p) {
+  return size_t(p.batch) * size_t(p.num_heads) * size_t(p.seqlen_q) * sizeof(float);
+}
+
+// Scratch memory fwd needs besides q, k, v, out and softmax_lse: none (0), for every shape. Kept as a
+// function so callers that size buffers up front need no change when a variant starts to need one.
+inline size_t fwd_workspace_bytes(FwdParams const&) { return 0; }
+
+// The compiled forward kernels, one per line: "fwd <fp16|bf16> <head dim> <none|causal>".
+std::string built_kernels();
+
+}  // namespace flash_attn2
