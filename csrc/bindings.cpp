@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "api/fwd_api.h"
+#include "flash_attn2/flash_attn2.h"
 
 TORCH_LIBRARY(flash_attn2, m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal) -> (Tensor out, Tensor softmax_lse)");
@@ -13,7 +14,7 @@ TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) { m.impl("fwd", &flash_attn2::mha_fwd);
 // `import flash_attn2._C` loads this library, which registers the ops above. The module itself offers
 // one plain function, built_kernels(), the list of compiled kernels (no tensors: not an op).
 static PyObject* built_kernels(PyObject*, PyObject*) {
-  return PyUnicode_FromString(flash_attn2::built_kernels_str().c_str());
+  return PyUnicode_FromString(flash_attn2::built_kernels().c_str());
 }
 static PyMethodDef flash_attn2_methods[] = {
     {"built_kernels", built_kernels, METH_NOARGS, "Compiled kernels, one per line: '<dir> <dtype> <hdim> <mask>'."},

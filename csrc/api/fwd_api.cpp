@@ -81,6 +81,4 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const
   return {out, lse};
 }
 
-std::string built_kernels_str() { return built_kernels(); }
-
 }  // namespace flash_attn2

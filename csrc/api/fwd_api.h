@@ -1,7 +1,6 @@
 // The torch-facing forward: tensors in, tensors out. The only layer (with bindings.cpp) that sees torch.
 #pragma once
 
-#include <string>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -12,7 +11,5 @@ namespace flash_attn2 {
 // Returns out (b, s_q, h, d) contiguous and softmax_lse (b, h, s_q) fp32.
 std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
                                            double softmax_scale, bool causal);
-
-std::string built_kernels_str();
 
 }  // namespace flash_attn2

@@ -38,8 +38,4 @@ constexpr FwdTile fwd_tile(int head_dim, MaskMode mask) {
   }
 }
 
-// Head dims with a compiled forward kernel. Any d <= 256 that is a multiple of 8 runs on the smallest
-// of these that is >= d, with the extra columns predicated off.
-inline constexpr int kFwdHeadDims[] = {32, 64, 96, 128, 192, 256};
-
 }  // namespace flash_attn2
