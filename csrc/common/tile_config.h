@@ -33,6 +33,7 @@ constexpr FwdTile fwd_tile(int head_dim, MaskMode mask) {
     // O would need 192 registers with 4 warps: 8 warps halve it. 80 KB smem.
     case 192: return {128, 64, 8};
     // 8 warps: 128 O registers per thread. 128 KB smem: fits A100 (163 KB) and H100 (227 KB), not sm86/89 (99 KB).
+    // 64x64 with 4 warps (2 CTAs/SM) was 5% faster only at causal 1k, 5-8% slower elsewhere.
     case 256: return {128, 64, 8};
     default: return {0, 0, 0};
   }
