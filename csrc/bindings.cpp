@@ -6,7 +6,11 @@
 #include "flash_attn2/flash_attn2.h"
 
 TORCH_LIBRARY(flash_attn2, m) {
-  m.def("fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal) -> (Tensor out, Tensor softmax_lse)");
+  // Variable-length batches are optional arguments of the same op: with cu_seqlens_q/k, q, k and v are
+  // packed (total, heads, head_dim) and max_seqlen_q bounds the q lengths.
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor out, Tensor softmax_lse)");
 }
 
 TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) { m.impl("fwd", &flash_attn2::mha_fwd); }

@@ -4,18 +4,29 @@
 run the plain-PyTorch path, and CUDA tensors raise an error that says how to build it.
 """
 
-from flash_attn2 import reference
+from flash_attn2 import bert_padding, reference
 from flash_attn2._ops import built_kernels, extension_available
-from flash_attn2.interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from flash_attn2.interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "bert_padding",
     "built_kernels",
     "extension_available",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "reference",
 ]

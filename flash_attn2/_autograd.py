@@ -12,15 +12,16 @@ from flash_attn2 import _ops
 
 
 class FlashAttnFunction(torch.autograd.Function):
-    """``(q, k, v, softmax_scale, causal) -> (out, lse)`` through ``torch.ops.flash_attn2.fwd``."""
+    """``(q, k, v, softmax_scale, causal[, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k])
+    -> (out, lse)`` through ``torch.ops.flash_attn2.fwd``; the last four describe a packed batch."""
 
     @staticmethod
-    def forward(q, k, v, softmax_scale, causal):
-        return _ops.fwd(q, k, v, softmax_scale, causal)
+    def forward(q, k, v, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+        return _ops.fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, softmax_scale, causal = inputs
+        q, k, v, softmax_scale, causal = inputs[:5]
         out, lse = output
         # Everything the FA2 backward needs: it recomputes the probabilities from q, k and lse
         # instead of storing them, and uses out for the row sums of dout * out.

@@ -136,28 +136,35 @@ def head_dim_refusal(dtype: torch.dtype, head_dim: int, causal: bool) -> str:
     )
 
 
-def fwd(q, k, v, softmax_scale: float, causal: bool):
+def _lse_shape(q, varlen: bool):
+    """softmax_lse is (batch, nheads, seqlen_q) dense and (nheads, total_q) for a packed batch."""
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def fwd(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+        max_seqlen_k=0):
     """``torch.ops.flash_attn2.fwd``: kernel-ready q, k, v (CUDA, fp16/bf16, head dim a multiple of
-    8, stride(-1) == 1) to ``(out, lse)``. Raises a RuntimeError saying how to build if ``_C`` is absent.
+    8, 16-byte aligned) to ``(out, lse)``; with cu_seqlens, packed (total, heads, head_dim) tensors.
+    Raises a RuntimeError saying how to build if ``_C`` is absent.
 
     An empty output is returned without a launch: there is nothing to compute, and a grid with a
     zero dimension is an invalid CUDA launch configuration.
     """
     if _C is None:
         raise RuntimeError(_missing_extension_message())
-    batch, seqlen_q, nheads, _ = q.shape
     if q.numel() == 0:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        return out, q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
-    return torch.ops.flash_attn2.fwd(q, k, v, softmax_scale, causal)
+        return out, q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    return torch.ops.flash_attn2.fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k)
 
 
 if _C is not None:
 
     @torch.library.register_fake("flash_attn2::fwd")
-    def _fwd_fake(q, k, v, softmax_scale, causal):
-        """Shapes of the op's outputs: ``out`` like q but contiguous, ``lse`` float32 (b, h, s_q)."""
-        batch, seqlen_q, nheads, head_dim = q.shape
-        out = q.new_empty((batch, seqlen_q, nheads, head_dim))
-        lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+    def _fwd_fake(q, k, v, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+                  max_seqlen_k=0):
+        """Shapes of the op's outputs: ``out`` like q but contiguous, ``lse`` float32 (see _lse_shape)."""
+        out = q.new_empty(q.shape)
+        lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
         return out, lse

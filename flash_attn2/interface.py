@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from flash_attn2 import _ops
 from flash_attn2._autograd import FlashAttnFunction
-from flash_attn2.reference import attention_cpu
+from flash_attn2.reference import attention_cpu, attention_cpu_varlen
 
 MAX_HEAD_DIM = 256
 """The largest head dim any kernel is written for."""
@@ -29,15 +29,17 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
-def _check_inputs(q, k, v) -> None:
-    """Raise TypeError/ValueError naming the problem; reads shapes, dtypes and devices only."""
+def _check_inputs(q, k, v, varlen=False) -> None:
+    """Raise TypeError/ValueError naming the problem; reads shapes, dtypes and devices only.
+
+    Dense tensors are (batch, seqlen, nheads, headdim); variable-length ones (total, nheads, headdim)."""
+    dims, layout = (3, "(total, nheads, headdim)") if varlen else (4, "(batch, seqlen, nheads, headdim)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flash_attn2: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
+        if t.dim() != dims:
             raise ValueError(
-                f"flash_attn2: {name} must be 4-d (batch, seqlen, nheads, headdim), "
-                f"got shape {tuple(t.shape)} ({t.dim()}-d)"
+                f"flash_attn2: {name} must be {dims}-d {layout}, got shape {tuple(t.shape)} ({t.dim()}-d)"
             )
     if not (q.device == k.device == v.device):
         raise ValueError(
@@ -58,19 +60,20 @@ def _check_inputs(q, k, v) -> None:
             f"got {q.dtype}{hint}"
         )
 
-    batch, seqlen_q, nheads, head_dim = q.shape
-    _, seqlen_k, nheads_k, _ = k.shape
-    if not (batch == k.shape[0] == v.shape[0]):
-        raise ValueError(f"flash_attn2: batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
-    if seqlen_k != v.shape[1]:
-        raise ValueError(f"flash_attn2: k and v must have the same seqlen, got k {seqlen_k} and v {v.shape[1]}")
-    if nheads_k != v.shape[2]:
+    nheads, head_dim = q.shape[-2:]
+    seqlen_k, nheads_k = k.shape[-3], k.shape[-2]
+    if not varlen and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"flash_attn2: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if seqlen_k != v.shape[-3]:
+        what = "number of tokens" if varlen else "seqlen"
+        raise ValueError(f"flash_attn2: k and v must have the same {what}, got k {seqlen_k} and v {v.shape[-3]}")
+    if nheads_k != v.shape[-2]:
         raise ValueError(
-            f"flash_attn2: k and v must have the same number of heads, got k {nheads_k} and v {v.shape[2]}"
+            f"flash_attn2: k and v must have the same number of heads, got k {nheads_k} and v {v.shape[-2]}"
         )
-    if not (head_dim == k.shape[3] == v.shape[3]):
+    if not (head_dim == k.shape[-1] == v.shape[-1]):
         raise ValueError(
-            f"flash_attn2: q, k, v must have one head dim, got q {head_dim}, k {k.shape[3]}, v {v.shape[3]}"
+            f"flash_attn2: q, k, v must have one head dim, got q {head_dim}, k {k.shape[-1]}, v {v.shape[-1]}"
         )
     if not (0 < head_dim <= MAX_HEAD_DIM):
         raise ValueError(f"flash_attn2: head dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
@@ -79,6 +82,29 @@ def _check_inputs(q, k, v) -> None:
             f"flash_attn2: the number of query heads ({nheads}) must be a multiple of "
             f"the number of kv heads ({nheads_k})"
         )
+
+
+def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """The cumulative-length vectors of a packed batch. Their values (from 0, non-decreasing, last entry
+    = number of tokens) are the caller's contract: checking them would need a host sync, which the
+    CUDA path never does (it must stay capturable in a CUDA graph)."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"flash_attn2: {name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"flash_attn2: {name} must be int32 (as in flash-attn), got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"flash_attn2: {name} must be 1-d with batch + 1 entries, got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"flash_attn2: {name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"flash_attn2: cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
+            f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
+            raise ValueError(f"flash_attn2: {name} must be an int >= 0, got {value!r}")
 
 
 def _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes) -> None:
@@ -103,14 +129,18 @@ def _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes) -> None
 def _kernel_ready(t):
     """The kernels read rows with 16-byte loads: the last dim contiguous, and the start and every other
     stride a multiple of 8 elements. Any strides meeting that run as they are; others get one copy.
-    (storage_offset, not data_ptr, so torch.compile can trace it; allocations themselves are aligned.)"""
-    aligned = t.stride(-1) == 1 and t.storage_offset() % HEAD_DIM_MULTIPLE == 0 and all(
+    (Allocations themselves are aligned. torch.compile cannot trace ``storage_offset()``, an
+    int-returning call: compiled code checks the strides here and leaves a misaligned start to the
+    op, which refuses it with a clear error.)"""
+    aligned = t.stride(-1) == 1 and all(
         stride % HEAD_DIM_MULTIPLE == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1
     )
+    if aligned and not torch.compiler.is_compiling():
+        aligned = t.storage_offset() % HEAD_DIM_MULTIPLE == 0
     return t if aligned else t.clone(memory_format=torch.contiguous_format)
 
 
-def _attention_cuda(q, k, v, softmax_scale, causal):
+def _attention_cuda(q, k, v, softmax_scale, causal, varlen_args=(None, None, 0, 0)):
     refusal = _ops.cuda_refusal(q.device, q.dtype, causal)
     if refusal:
         raise RuntimeError(refusal)
@@ -125,7 +155,7 @@ def _attention_cuda(q, k, v, softmax_scale, causal):
     else:
         q, k, v = (_kernel_ready(t) for t in (q, k, v))
 
-    out, lse = FlashAttnFunction.apply(q, k, v, softmax_scale, causal)
+    out, lse = FlashAttnFunction.apply(q, k, v, softmax_scale, causal, *varlen_args)
     if padded_dim != head_dim:
         out = out[..., :head_dim]
     return out, lse
@@ -139,6 +169,17 @@ def _attention(q, k, v, softmax_scale, causal):
     if q.device.type == "cuda":
         return _attention_cuda(q, k, v, softmax_scale, causal)
     return attention_cpu(q, k, v, softmax_scale, causal)
+
+
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    """Validate a packed batch, then run on the tensors' device. Returns ``(out, lse)``, lse (nheads, total_q)."""
+    _check_inputs(q, k, v, varlen=True)
+    _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if q.device.type == "cuda":
+        return _attention_cuda(q, k, v, softmax_scale, causal, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    return attention_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
 
 
 def flash_attn_func(
@@ -225,4 +266,99 @@ def flash_attn_kvpacked_func(
     k, v = _unpack(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
+    )
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
+    """``flash_attn_func`` on a packed batch of sequences of different lengths, as in flash-attn 2.x.
+
+    Args:
+        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)``, from 0, non-decreasing: sequence ``b`` owns
+            rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (not checked: that needs a host sync).
+        max_seqlen_q: an int >= every query length (it sizes the grid; rows past it are not computed);
+            max_seqlen_k: an int >= every key length. Larger bounds are fine.
+        causal: bottom-right aligned per sequence.
+        block_table: paged KV is not implemented yet (NotImplementedError).
+        Other arguments as in ``flash_attn_func``.
+
+    Returns:
+        ``out`` ``(total_q, nheads, headdim)``; with ``return_attn_probs``, ``(out, softmax_lse, None)``
+        with ``softmax_lse`` float32 ``(nheads, total_q)``.
+    """
+    _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
+    if block_table is not None:
+        raise NotImplementedError("flash_attn2: paged KV (block_table) is not implemented yet; pass block_table=None")
+    out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _unpack_varlen(packed, name: str, count: int, layout: str):
+    """Split dim 1 of a packed variable-length tensor into ``count`` views (no copies)."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"flash_attn2: {name} must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() != 4 or packed.shape[1] != count:
+        raise ValueError(f"flash_attn2: {name} must have shape {layout}, got {tuple(packed.shape)}")
+    return packed.unbind(dim=1)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """``flash_attn_varlen_func`` on ``qkv`` of shape ``(total, 3, nheads, headdim)`` (views, no copy)."""
+    q, k, v = _unpack_varlen(qkv, "qkv", 3, "(total, 3, nheads, headdim)")
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+    )
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """``flash_attn_varlen_func`` on ``q`` and ``kv`` of shape ``(total_k, 2, nheads_k, headdim)`` (views, no copy)."""
+    k, v = _unpack_varlen(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)")
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
     )

@@ -134,3 +134,47 @@ def attention_cpu(q, k, v, softmax_scale, causal, block_size=DEFAULT_CPU_BLOCK_S
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, seqlen_q, nheads, headdim).to(q.dtype)
     lse = lse.reshape(batch, nheads, seqlen_q)
     return out, lse
+
+
+def sequence_bounds(cu_seqlens, total: int, name: str = "cu_seqlens"):
+    """``[(start, end), ...]`` of a packed batch, with a clear error for values that cannot be right.
+    Reads the tensor on the host: for the CPU path and tests (the CUDA path never syncs)."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or any(b > e for b, e in zip(bounds, bounds[1:])) or bounds[-1] > total:
+        raise ValueError(
+            f"flash_attn2: {name} must start at 0, not decrease, and end at most at {total} (the number of "
+            f"tokens), got {bounds if len(bounds) <= 16 else bounds[:8] + ['...'] + bounds[-8:]}"
+        )
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
+    """Runs ``attention`` on each sequence of a packed batch. Rows past ``cu_seqlens_q[-1]`` belong to
+    no sequence: out 0, lse +inf."""
+    bounds_q = sequence_bounds(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    bounds_k = sequence_bounds(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    outs, lses = [], []
+    for (q0, q1), (k0, k1) in zip(bounds_q, bounds_k):
+        out, lse = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], **kwargs)
+        outs.append(out[0])
+        lses.append(lse[0])
+    rest = q.shape[0] - (bounds_q[-1][1] if bounds_q else 0)
+    outs.append(q.new_zeros((rest,) + tuple(q.shape[1:]), dtype=outs[0].dtype if outs else q.dtype))
+    lse_dtype = lses[0].dtype if lses else torch.float32
+    lses.append(torch.full((q.shape[1], rest), float("inf"), dtype=lse_dtype, device=q.device))
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+def attention_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, block_size=DEFAULT_CPU_BLOCK_SIZE):
+    """The CPU path of ``flash_attn_varlen_func``: ``attention_cpu`` on each sequence of the packed batch.
+
+    Returns ``(out (total_q, nheads, headdim), lse (nheads, total_q))``; causal is bottom-right per sequence.
+    """
+    return _per_sequence(attention_cpu, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
+                         causal=causal, block_size=block_size)
+
+
+def attention_ref_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False, upcast=True):
+    """``attention_ref`` on each sequence of a packed batch (the oracle of the variable-length tests)."""
+    return _per_sequence(attention_ref, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
+                         causal=causal, upcast=upcast)

@@ -287,3 +287,17 @@ def test_parse_built_kernels():
 def test_parse_built_kernels_rejects_malformed_line(line):
     with pytest.raises(RuntimeError, match="cannot parse built_kernels"):
         _ops.parse_built_kernels(line)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_kernel_ready_normalisation_traces_without_graph_break(dynamic):
+    """The CUDA path's layout normalisation must stay traceable by torch.compile(fullgraph=True): an
+    int-returning call such as Tensor.storage_offset() breaks the graph (seen on torch 2.11)."""
+    from flash_attn2.interface import _kernel_ready
+
+    def normalise(t):
+        return _kernel_ready(t) + 1
+
+    compiled = torch.compile(normalise, fullgraph=True, dynamic=dynamic)
+    for t in (torch.randn(2, 9, 4, 16), torch.randn(2, 9, 16, 4).transpose(-1, -2)):
+        torch.testing.assert_close(compiled(t), t + 1)

@@ -23,37 +23,62 @@ DType dtype_of(at::Tensor const& t) {
   }
 }
 
-void check_qkv(at::Tensor const& t, char const* name, at::Tensor const& q) {
+void check_qkv(at::Tensor const& t, char const* name, at::Tensor const& q, int64_t dims) {
   TORCH_CHECK(t.is_cuda(), str_cat("flash_attn2: ", name, " must be a CUDA tensor"));
   TORCH_CHECK(t.device() == q.device(), str_cat("flash_attn2: ", name, " is on ", t.device().str(), " but q is on ",
                                                 q.device().str()));
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), str_cat("flash_attn2: ", name, " has dtype ",
                                                           c10::toString(t.scalar_type()), " but q has ",
                                                           c10::toString(q.scalar_type())));
-  TORCH_CHECK(t.dim() == 4, str_cat("flash_attn2: ", name, " must be (batch, seqlen, heads, head_dim), got ", t.dim(),
-                                    " dims"));
+  TORCH_CHECK(t.dim() == dims, str_cat("flash_attn2: ", name, " must have ", dims, " dims (",
+                                       dims == 4 ? "batch, seqlen" : "total tokens", ", heads, head_dim), got ", t.dim()));
   TORCH_CHECK(t.stride(-1) == 1, str_cat("flash_attn2: ", name, " must be contiguous in its last dimension"));
+}
+
+void check_cu_seqlens(at::Tensor const& cu, char const* name, at::Tensor const& q, int64_t batch) {
+  TORCH_CHECK(cu.device() == q.device(), str_cat("flash_attn2: ", name, " must be on q's device"));
+  TORCH_CHECK(cu.scalar_type() == at::kInt, str_cat("flash_attn2: ", name, " must be int32"));
+  TORCH_CHECK(cu.dim() == 1 && cu.is_contiguous(), str_cat("flash_attn2: ", name, " must be a contiguous 1-D tensor"));
+  TORCH_CHECK(cu.numel() == batch + 1, str_cat("flash_attn2: ", name, " has ", cu.numel(), " entries; expected ",
+                                               batch + 1, " (batch + 1)"));
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
-                                           double softmax_scale, bool causal) {
-  check_qkv(q, "q", q);
-  check_qkv(k, "k", q);
-  check_qkv(v, "v", q);
+                                           double softmax_scale, bool causal,
+                                           std::optional<at::Tensor> const& cu_seqlens_q,
+                                           std::optional<at::Tensor> const& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k) {
+  bool const varlen = cu_seqlens_q.has_value();
+  TORCH_CHECK(varlen == cu_seqlens_k.has_value(), "flash_attn2: give both cu_seqlens_q and cu_seqlens_k, or neither");
+  int64_t const dims = varlen ? 3 : 4;
+  check_qkv(q, "q", q, dims);
+  check_qkv(k, "k", q, dims);
+  check_qkv(v, "v", q, dims);
   DType const dtype = dtype_of(q);
-  int64_t const batch = q.size(0), seqlen_q = q.size(1), num_heads = q.size(2), head_dim = q.size(3);
-  int64_t const seqlen_k = k.size(1), num_heads_k = k.size(2);
+  // Dense: (batch, seqlen, heads, head_dim). Varlen: (total, heads, head_dim), seen with seqlen = the bound.
+  int64_t const batch = varlen ? cu_seqlens_q->numel() - 1 : q.size(0);
+  int64_t const seqlen_q = varlen ? max_seqlen_q : q.size(1);
+  int64_t const seqlen_k = varlen ? max_seqlen_k : k.size(1);
+  int64_t const num_heads = q.size(-2), head_dim = q.size(-1), num_heads_k = k.size(-2);
   TORCH_CHECK(k.sizes() == v.sizes(), "flash_attn2: k and v must have the same shape");
-  TORCH_CHECK(k.size(0) == batch, str_cat("flash_attn2: batch of k (", k.size(0), ") differs from q (", batch, ")"));
-  TORCH_CHECK(k.size(3) == head_dim,
-              str_cat("flash_attn2: head_dim of k (", k.size(3), ") differs from q (", head_dim, ")"));
-  TORCH_CHECK(seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX, "flash_attn2: sequence lengths must fit in int32");
+  TORCH_CHECK(varlen || k.size(0) == batch,
+              str_cat("flash_attn2: batch of k (", k.size(0), ") differs from q (", batch, ")"));
+  TORCH_CHECK(k.size(-1) == head_dim,
+              str_cat("flash_attn2: head_dim of k (", k.size(-1), ") differs from q (", head_dim, ")"));
+  TORCH_CHECK(seqlen_q >= 0 && seqlen_k >= 0 && seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX,
+              "flash_attn2: sequence lengths (max_seqlen_q/k for variable-length batches) must be in [0, 2^31)");
+  if (varlen) {
+    TORCH_CHECK(batch >= 0, "flash_attn2: cu_seqlens_q must have at least one entry");
+    check_cu_seqlens(*cu_seqlens_q, "cu_seqlens_q", q, batch);
+    check_cu_seqlens(*cu_seqlens_k, "cu_seqlens_k", q, batch);
+  }
 
   c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({batch, num_heads, seqlen_q}, q.options().dtype(at::kFloat));
+  at::Tensor lse = varlen ? at::empty({num_heads, q.size(0)}, q.options().dtype(at::kFloat))
+                          : at::empty({batch, num_heads, seqlen_q}, q.options().dtype(at::kFloat));
 
   FwdParams p;
   p.q = q.data_ptr();
@@ -61,10 +86,17 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const
   p.v = v.data_ptr();
   p.out = out.data_ptr();
   p.softmax_lse = lse.data_ptr<float>();
-  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
-  p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);
+  // Strides counted from the last dim, so the dense and packed layouts read alike; no batch stride when packed.
+  p.q_batch_stride = varlen ? 0 : q.stride(0), p.q_row_stride = q.stride(-3), p.q_head_stride = q.stride(-2);
+  p.k_batch_stride = varlen ? 0 : k.stride(0), p.k_row_stride = k.stride(-3), p.k_head_stride = k.stride(-2);
+  p.v_batch_stride = varlen ? 0 : v.stride(0), p.v_row_stride = v.stride(-3), p.v_head_stride = v.stride(-2);
+  p.out_batch_stride = varlen ? 0 : out.stride(0), p.out_row_stride = out.stride(-3),
+  p.out_head_stride = out.stride(-2);
+  if (varlen) {
+    p.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k->data_ptr<int>();
+    p.total_q = q.size(0);
+  }
   p.batch = int(batch);
   p.seqlen_q = int(seqlen_q);
   p.seqlen_k = int(seqlen_k);

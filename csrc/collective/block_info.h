@@ -1,5 +1,5 @@
-// Where one (batch, head) pair's rows live, and how long its sequences are.
-// The dense layout today; variable-length batches will read per-batch offsets here and nowhere else.
+// Where one (batch, head) pair's rows live, and how long its sequences are: the only place that knows
+// the dense (batch, seqlen, ...) and the packed variable-length (total, ...) layouts apart.
 #pragma once
 
 #include <cute/config.hpp>
@@ -17,13 +17,28 @@ struct FwdBlockInfo {
   CUTE_DEVICE FwdBlockInfo(FwdParams const& p, int batch, int head) {
     // GQA/MQA: consecutive query heads share one KV head; no copy of K/V is ever made.
     int const head_k = head / (p.num_heads / p.num_heads_k);
-    seqlen_q = p.seqlen_q;
-    seqlen_k = p.seqlen_k;
-    q_offset = batch * p.q_batch_stride + head * p.q_head_stride;
-    k_offset = batch * p.k_batch_stride + head_k * p.k_head_stride;
-    v_offset = batch * p.v_batch_stride + head_k * p.v_head_stride;
-    out_offset = batch * p.out_batch_stride + head * p.out_head_stride;
-    lse_offset = (int64_t(batch) * p.num_heads + head) * p.seqlen_q;
+    if (p.cu_seqlens_q == nullptr) {
+      seqlen_q = p.seqlen_q;
+      seqlen_k = p.seqlen_k;
+      q_offset = batch * p.q_batch_stride + head * p.q_head_stride;
+      k_offset = batch * p.k_batch_stride + head_k * p.k_head_stride;
+      v_offset = batch * p.v_batch_stride + head_k * p.v_head_stride;
+      out_offset = batch * p.out_batch_stride + head * p.out_head_stride;
+      lse_offset = (int64_t(batch) * p.num_heads + head) * p.seqlen_q;
+    } else {
+      // Row offsets in 64 bits: a packed batch may hold more than 2^31 elements.
+      int64_t const q_start = p.cu_seqlens_q[batch];
+      int64_t const k_start = p.cu_seqlens_k[batch];
+      // The true lengths; p.seqlen_q only sized the grid (a caller bound below a true length leaves the
+      // rows past it unwritten, as in flash-attn: checking would need a host sync).
+      seqlen_q = int(p.cu_seqlens_q[batch + 1] - q_start);
+      seqlen_k = int(p.cu_seqlens_k[batch + 1] - k_start);
+      q_offset = q_start * p.q_row_stride + head * p.q_head_stride;
+      k_offset = k_start * p.k_row_stride + head_k * p.k_head_stride;
+      v_offset = k_start * p.v_row_stride + head_k * p.v_head_stride;
+      out_offset = q_start * p.out_row_stride + head * p.out_head_stride;
+      lse_offset = head * p.total_q + q_start;
+    }
   }
 };
 

@@ -49,7 +49,10 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
   if (p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) {
     return {str_cat("flash_attn2: num_heads (", p.num_heads, ") must be a multiple of num_heads_k (", p.num_heads_k, ")")};
   }
-  if (p.batch < 0 || p.num_heads < 0 || p.seqlen_q < 0 || p.seqlen_k < 0) {
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) {
+    return {str_cat("flash_attn2: give both cu_seqlens_q and cu_seqlens_k, or neither")};
+  }
+  if (p.batch < 0 || p.num_heads < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.total_q < 0) {
     return {str_cat("flash_attn2: negative sizes")};
   }
   // One CTA per (query block, head, batch) in a flat grid of at most 2^31 - 1 blocks. Every kernel's

@@ -30,7 +30,9 @@ struct Status {
 //   q:   (batch, seqlen_q, num_heads, head_dim)      p.q,   strides q_*_stride, head-dim stride 1
 //   k,v: (batch, seqlen_k, num_heads_k, head_dim)    p.k/v, strides k_*/v_*_stride
 //   out: (batch, seqlen_q, num_heads, head_dim)      p.out, caller-allocated, same dtype as q
-//   softmax_lse: fp32 (batch, num_heads, seqlen_q), contiguous, caller-allocated (fwd_lse_bytes):
+//   Variable-length batches: set cu_seqlens_q/_k (params.h); q, k, v, out are then packed along rows.
+//   softmax_lse: fp32 (batch, num_heads, seqlen_q), or (num_heads, total_q) with cu_seqlens,
+//        contiguous, caller-allocated (fwd_lse_bytes):
 //        natural-log logsumexp of the scaled scores per row; +inf for a row that sees no key
 //        (its out row is 0). A backward pass reads it.
 // Requirements (checked; a violation returns an error): fp16 or bf16; head_dim a multiple of 8 and
@@ -40,9 +42,11 @@ struct Status {
 // the kernel surface at the next synchronisation as usual in CUDA.
 Status fwd(FwdParams const& params, cudaStream_t stream);
 
-// Bytes of softmax_lse that fwd writes: batch * num_heads * seqlen_q floats.
+// Bytes of softmax_lse that fwd writes: batch * num_heads * seqlen_q floats (num_heads * total_q with
+// cu_seqlens).
 inline size_t fwd_lse_bytes(FwdParams const& p) {
-  return size_t(p.batch) * size_t(p.num_heads) * size_t(p.seqlen_q) * sizeof(float);
+  size_t const rows = p.cu_seqlens_q != nullptr ? size_t(p.total_q) : size_t(p.batch) * size_t(p.seqlen_q);
+  return size_t(p.num_heads) * rows * sizeof(float);
 }
 
 // Scratch memory fwd needs besides q, k, v, out and softmax_lse: none (0), for every shape. Kept as a

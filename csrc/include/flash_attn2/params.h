@@ -38,6 +38,15 @@ struct FwdParams {
 
   float softmax_scale = 0.f;
 
+  // Variable-length batches (optional; both or neither). With cu_seqlens_q / cu_seqlens_k (device int32,
+  // batch + 1 non-decreasing entries from 0), q and out are packed (total_q, num_heads, head_dim) and
+  // k, v (total_k, num_heads_k, head_dim): sequence b owns rows [cu_seqlens[b], cu_seqlens[b + 1]).
+  // seqlen_q then must be >= every q length (it sizes the grid; rows past it are not computed), seqlen_k
+  // is not used by the kernel, the batch strides are unused, and softmax_lse is (num_heads, total_q).
+  int const* __restrict__ cu_seqlens_q = nullptr;
+  int const* __restrict__ cu_seqlens_k = nullptr;
+  int64_t total_q = 0;  // rows of the packed q, with cu_seqlens
+
   DType dtype = DType::kBf16;
   MaskMode mask = MaskMode::kNone;
 };
