@@ -223,13 +223,14 @@ def flash_attn_func(
     return (out, lse, None) if return_attn_probs else out
 
 
-def _unpack(packed, name: str, count: int, layout: str):
-    """Split dim 2 of a packed tensor into ``count`` views (no copies)."""
+def _unpack(packed, name: str, count: int, layout: str, dim: int = 2):
+    """Split dim ``dim`` of a packed tensor into ``count`` views (no copies): dim 2 of a dense
+    ``(batch, seqlen, count, ...)`` tensor, dim 1 of a variable-length ``(total, count, ...)`` one."""
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"flash_attn2: {name} must be a torch.Tensor, got {type(packed).__name__}")
-    if packed.dim() != 5 or packed.shape[2] != count:
+    if packed.dim() != dim + 3 or packed.shape[dim] != count:
         raise ValueError(f"flash_attn2: {name} must have shape {layout}, got {tuple(packed.shape)}")
-    return packed.unbind(dim=2)
+    return packed.unbind(dim=dim)
 
 
 def flash_attn_qkvpacked_func(
@@ -310,15 +311,6 @@ def flash_attn_varlen_func(
     return (out, lse, None) if return_attn_probs else out
 
 
-def _unpack_varlen(packed, name: str, count: int, layout: str):
-    """Split dim 1 of a packed variable-length tensor into ``count`` views (no copies)."""
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"flash_attn2: {name} must be a torch.Tensor, got {type(packed).__name__}")
-    if packed.dim() != 4 or packed.shape[1] != count:
-        raise ValueError(f"flash_attn2: {name} must have shape {layout}, got {tuple(packed.shape)}")
-    return packed.unbind(dim=1)
-
-
 def flash_attn_varlen_qkvpacked_func(
     qkv,
     cu_seqlens,
@@ -333,7 +325,7 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """``flash_attn_varlen_func`` on ``qkv`` of shape ``(total, 3, nheads, headdim)`` (views, no copy)."""
-    q, k, v = _unpack_varlen(qkv, "qkv", 3, "(total, 3, nheads, headdim)")
+    q, k, v = _unpack(qkv, "qkv", 3, "(total, 3, nheads, headdim)", dim=1)
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
         window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
@@ -357,7 +349,7 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs=False,
 ):
     """``flash_attn_varlen_func`` on ``q`` and ``kv`` of shape ``(total_k, 2, nheads_k, headdim)`` (views, no copy)."""
-    k, v = _unpack_varlen(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)")
+    k, v = _unpack(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)", dim=1)
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
         window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
