@@ -30,7 +30,6 @@ struct FwdTraitsSm80 {
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kNWarps = kTile.num_warps;
   static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kMinBlocksPerSm = kTile.min_blocks_per_sm;
 
   // Warps tile M; each warp owns 16-row slabs. The N extent 16 (two 8-wide atoms) lets one ldmatrix.x4
   // feed the B operand.

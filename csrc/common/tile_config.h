@@ -9,7 +9,6 @@ struct FwdTile {
   int block_m;    // query rows per CTA
   int block_n;    // key rows per main-loop step
   int num_warps;  // Q is split across warps along M; 16 rows per warp per MMA
-  int min_blocks_per_sm = 1;  // occupancy target: caps registers at 64K / (threads * this)
 };
 
 // Reasons per row, measured on an H200 (bf16, 16k tokens per batch, width 2048; benchmarks/PERF_LOG.md).

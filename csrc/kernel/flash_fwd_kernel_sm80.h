@@ -26,24 +26,23 @@ struct FlashFwdKernelSm80 {
   static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kHeadDim = Traits::kHeadDim;
   static constexpr int kNThreads = Traits::kNThreads;
-  static constexpr int kMinBlocksPerSm = Traits::kMinBlocksPerSm;
   static constexpr int kSmemBytes = Traits::kSmemBytes;
   using SharedStorage = typename Traits::SharedStorage;
   using Mask = BlockMask<kMask, kBlockM, kBlockN>;
 
+  CUTE_HOST_DEVICE static int num_m_blocks(int seqlen_q) { return (seqlen_q + kBlockM - 1) / kBlockM; }
+
   // One flat grid dimension (x allows 2^31 - 1 blocks; y and z only 65535, less than batch or heads may
   // be). The query blocks of one (batch, head) are consecutive, so they share K and V in L2.
-  static int64_t num_blocks(FwdParams const& p) {
-    return int64_t(ceil_div(p.seqlen_q, kBlockM)) * p.num_heads * p.batch;
-  }
+  static int64_t num_blocks(FwdParams const& p) { return int64_t(num_m_blocks(p.seqlen_q)) * p.num_heads * p.batch; }
 
   CUTE_DEVICE void operator()(FwdParams const& params, char* smem_buf) const {
     int const tidx = threadIdx.x;
-    int const num_m_blocks = (params.seqlen_q + kBlockM - 1) / kBlockM;
-    int const bh = int(blockIdx.x) / num_m_blocks;
+    int const m_blocks = num_m_blocks(params.seqlen_q);
+    int const bh = int(blockIdx.x) / m_blocks;
     // Under a causal mask the last query blocks do the most work: schedule them first so the grid's
     // tail is made of short blocks.
-    int const m_block = num_m_blocks - 1 - (int(blockIdx.x) - bh * num_m_blocks);
+    int const m_block = m_blocks - 1 - (int(blockIdx.x) - bh * m_blocks);
     int const head = bh % params.num_heads;
     int const batch = bh / params.num_heads;
 
@@ -104,8 +103,9 @@ struct FlashFwdKernelSm80 {
     // Tile-local (row, col) of the scores: this thread's first one, and thread 0's as static offsets.
     Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor tScS0 = tiled_mma.get_thread_slice(0).partition_C(cS);  // (MMA, MMA_M, MMA_N) -> (row, col)
-    int const score_row_base = get<0>(thr_mma.partition_C(cS)(0));
-    int const score_col_base = get<1>(thr_mma.partition_C(cS)(0));
+    auto const score_base = thr_mma.partition_C(cS)(0);  // this thread's first (row, col)
+    int const score_row_base = get<0>(score_base);
+    int const score_col_base = get<1>(score_base);
 
     // Shared -> register copies (ldmatrix), partitioned to match the MMA fragments.
     auto smem_tiled_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);

@@ -63,15 +63,10 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
   if (!(p.softmax_scale > 0.f && std::isfinite(p.softmax_scale))) {
     return {str_cat("flash_attn2: softmax_scale must be positive and finite, got ", p.softmax_scale)};
   }
-  // Offsets inside one tile are 32-bit in the kernels (tiles have at most kMaxTileRows rows).
+  // Per operand: offsets inside one tile are 32-bit in the kernels (tiles have at most kMaxTileRows rows),
+  // and 16-byte (8-element) vector loads and stores need every tensor to start on 16 bytes and to step
+  // by multiples of 8 elements along each dimension that has more than one entry.
   constexpr int64_t kMaxTileRows = 128;
-  for (int64_t stride : {p.q_row_stride, p.k_row_stride, p.v_row_stride, p.out_row_stride}) {
-    if (stride < 0 || stride * kMaxTileRows > INT32_MAX) {
-      return {str_cat("flash_attn2: row strides must be in [0, 2^31 / ", kMaxTileRows, "), got ", stride)};
-    }
-  }
-  // 16-byte (8-element) vector loads and stores: every tensor must start on 16 bytes and step by
-  // multiples of 8 elements along each dimension that has more than one entry.
   constexpr int64_t kVector = 8;
   struct Operand { char const* name; void const* ptr; int64_t batch, row, head; int heads; int rows; };
   Operand const operands[] = {
@@ -81,6 +76,9 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
       {"out", p.out, p.out_batch_stride, p.out_row_stride, p.out_head_stride, p.num_heads, p.seqlen_q},
   };
   for (Operand const& t : operands) {
+    if (t.row < 0 || t.row * kMaxTileRows > INT32_MAX) {
+      return {str_cat("flash_attn2: row strides must be in [0, 2^31 / ", kMaxTileRows, "), got ", t.row)};
+    }
     bool const aligned = reinterpret_cast<uintptr_t>(t.ptr) % (kVector * 2) == 0 &&
                          (p.batch <= 1 || t.batch % kVector == 0) && (t.rows <= 1 || t.row % kVector == 0) &&
                          (t.heads <= 1 || t.head % kVector == 0);

@@ -16,7 +16,7 @@ template <DType kDType>
 using ElementOf = std::conditional_t<kDType == DType::kFp16, cutlass::half_t, cutlass::bfloat16_t>;
 
 template <class Kernel>
-__global__ void __launch_bounds__(Kernel::kNThreads, Kernel::kMinBlocksPerSm) fwd_device_kernel(CUTE_GRID_CONSTANT FwdParams const params) {
+__global__ void __launch_bounds__(Kernel::kNThreads, 1) fwd_device_kernel(CUTE_GRID_CONSTANT FwdParams const params) {
   extern __shared__ __align__(128) char smem_buf[];
   Kernel{}(params, smem_buf);
 }
