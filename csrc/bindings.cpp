@@ -2,7 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "api/fwd_api.h"
+#include "api/torch_api.h"
 #include "flash_attn2/flash_attn2.h"
 
 TORCH_LIBRARY(flash_attn2, m) {
@@ -11,9 +11,17 @@ TORCH_LIBRARY(flash_attn2, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, Tensor? cu_seqlens_q=None, "
       "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor out, Tensor softmax_lse)");
+  // Gradients of fwd from the forward's inputs and outputs; dk, dv have k's and v's shapes (GQA reduced).
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, float softmax_scale, "
+      "bool causal, bool deterministic, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+      "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
-TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) { m.impl("fwd", &flash_attn2::mha_fwd); }
+TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) {
+  m.impl("fwd", &flash_attn2::mha_fwd);
+  m.impl("bwd", &flash_attn2::mha_bwd);
+}
 
 // `import flash_attn2._C` loads this library, which registers the ops above. The module itself offers
 // one plain function, built_kernels(), the list of compiled kernels (no tensors: not an op).

@@ -42,4 +42,24 @@ struct FwdBlockInfo {
   }
 };
 
+// The backward's view: the forward's offsets plus those of dout (like out) and of dk, dv. dk and dv are
+// indexed by the query head: with GQA they are per-query-head slices that the caller sums per group.
+struct BwdBlockInfo : FwdBlockInfo {
+  int64_t dout_offset, dk_offset, dv_offset;  // elements
+
+  CUTE_DEVICE BwdBlockInfo(BwdParams const& p, int batch, int head) : FwdBlockInfo(p, batch, head) {
+    if (p.cu_seqlens_q == nullptr) {
+      dout_offset = batch * p.dout_batch_stride + head * p.dout_head_stride;
+      dk_offset = batch * p.dk_batch_stride + head * p.dk_head_stride;
+      dv_offset = batch * p.dv_batch_stride + head * p.dv_head_stride;
+    } else {
+      int64_t const q_start = p.cu_seqlens_q[batch];
+      int64_t const k_start = p.cu_seqlens_k[batch];
+      dout_offset = q_start * p.dout_row_stride + head * p.dout_head_stride;
+      dk_offset = k_start * p.dk_row_stride + head * p.dk_head_stride;
+      dv_offset = k_start * p.dv_row_stride + head * p.dv_head_stride;
+    }
+  }
+};
+
 }  // namespace flash_attn2

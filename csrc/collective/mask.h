@@ -42,6 +42,29 @@ struct BlockMask {
     return end;
   }
 
+  // The backward's view from a key block: the query blocks that see some key of n_block are
+  // [m_block_begin, m_block_end); of those, [m_block_begin, m_block_masked_end) need the per-element
+  // mask (every one of them when n_block is a partial last block: its zero-filled tail keys).
+  CUTE_DEVICE int m_block_end() const { return ceil_div(seqlen_q, kBlockM); }
+  CUTE_DEVICE int m_block_begin(int n_block) const {
+    if constexpr (kMode == MaskMode::kCausal) {
+      // Row i sees key n_block * kBlockN iff i >= n_block * kBlockN - diagonal_offset().
+      return max(n_block * kBlockN - diagonal_offset(), 0) / kBlockM;
+    }
+    return 0;
+  }
+  CUTE_DEVICE int m_block_masked_end(int n_block) const {
+    int const begin = m_block_begin(n_block);
+    if ((n_block + 1) * kBlockN > seqlen_k) { return max(begin, m_block_end()); }
+    if constexpr (kMode == MaskMode::kCausal) {
+      // Rows i < (n_block + 1) * kBlockN - 1 - diagonal_offset() miss some key of the block.
+      int const rows_masked = (n_block + 1) * kBlockN - 1 - diagonal_offset();
+      int const end = rows_masked <= 0 ? 0 : ceil_div(rows_masked, kBlockM);
+      return max(begin, min(end, m_block_end()));
+    }
+    return begin;
+  }
+
   // Sets invisible scores to -inf. Coordinates of an MMA partition are affine in (thread, value):
   // coord(thread, i) = coord(thread, 0) + coord(0, i). So tScS0, thread 0's partition of an identity
   // tensor, gives compile-time offsets, and each score costs one compare of an immediate against a limit

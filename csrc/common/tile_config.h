@@ -38,4 +38,36 @@ constexpr FwdTile fwd_tile(int head_dim, MaskMode mask) {
   }
 }
 
+struct BwdTile {
+  int block_m;     // query rows per main-loop step
+  int block_n;     // key rows per CTA (their dK and dV stay in registers for the whole loop)
+  int num_warps;
+  int warps_m_sdp;  // warps along M for S = Q K^T and dP = dO V^T (the rest go along N)
+  int warps_n_dkv;  // warps along N for dV += P^T dO and dK += dS^T Q (the rest along the head dim)
+  int warps_m_dq;   // warps along M for dQ = dS K (the rest along the head dim)
+  int stages;       // Q and dO buffers: 2 prefetches the next query block under this one's math
+};
+
+// Shared memory is stages * (Q + dO) (block_m x d each) + K + V (block_n x d each) + P + dS (block_m x
+// block_n each), 2 bytes per element; every row fits an A100's 163 KB (the H100 has 227 KB). Registers:
+// dK and dV take 2 * block_n * d / threads fp32 for the whole loop, S and dP 2 * block_m * block_n /
+// threads while dS is formed, dQ block_m * d / threads after them.
+constexpr BwdTile bwd_tile(int head_dim) {
+  switch (head_dim) {
+    // 112 KB. Small d: a wide 128 x 128 step amortises the softmax recomputation.
+    case 32: return {128, 128, 8, 4, 4, 4, 2};
+    // 160 KB. dK + dV 64 regs, S + dP 128.
+    case 64: return {128, 128, 8, 4, 4, 4, 2};
+    // 128 KB; d = 96 uses the 32-column swizzle atom.
+    case 96: return {64, 128, 8, 2, 4, 4, 2};
+    // 160 KB. dK + dV 128 regs, S + dP 64.
+    case 128: return {64, 128, 8, 2, 4, 2, 2};
+    // 160 KB.
+    case 192: return {64, 64, 8, 4, 2, 2, 2};
+    // 144 KB with one stage (two would need 208 KB). dK + dV take 128 regs.
+    case 256: return {64, 64, 8, 4, 2, 2, 1};
+    default: return {0, 0, 0, 0, 0, 0, 0};
+  }
+}
+
 }  // namespace flash_attn2

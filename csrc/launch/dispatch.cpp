@@ -1,6 +1,7 @@
 // Runtime -> compile-time dispatch for the forward: one table, generated from the same list as the
 // instantiation files, and one lookup that ends in an error naming what was built.
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 
 #include "common/strings.h"
@@ -26,6 +27,23 @@ FwdKernel const kFwdKernels[] = {
 };
 #undef FLASH_ATTN2_FWD_KERNEL
 
+struct BwdKernel {
+  DType dtype;
+  int head_dim;
+  MaskMode mask;
+  cudaError_t (*run)(BwdKernelParams const&, cudaStream_t);
+  BwdKernelInfo (*info)();
+};
+
+#define FLASH_ATTN2_BWD_KERNEL(DTYPE, HDIM, MASK)                                         \
+  BwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, &run_bwd<DType::DTYPE, HDIM, MaskMode::MASK>, \
+            &bwd_kernel_info<DType::DTYPE, HDIM, MaskMode::MASK>},
+BwdKernel const kBwdKernels[] = {
+#include "instantiations/bwd_table.inc"
+    BwdKernel{DType::kBf16, 0, MaskMode::kNone, nullptr, nullptr},  // sentinel
+};
+#undef FLASH_ATTN2_BWD_KERNEL
+
 char const* dtype_name(DType d) { return d == DType::kFp16 ? "fp16" : "bf16"; }
 char const* mask_name(MaskMode m) { return m == MaskMode::kCausal ? "causal" : "none"; }
 
@@ -39,10 +57,15 @@ std::string built_kernels() {
     if (k.run == nullptr) { continue; }
     lines += str_cat("fwd ", dtype_name(k.dtype), " ", k.head_dim, " ", mask_name(k.mask), "\n");
   }
+  for (BwdKernel const& k : kBwdKernels) {
+    if (k.run == nullptr) { continue; }
+    lines += str_cat("bwd ", dtype_name(k.dtype), " ", k.head_dim, " ", mask_name(k.mask), "\n");
+  }
   return lines;
 }
 
-Status fwd(FwdParams const& p, cudaStream_t stream) {
+// Checks shared by the forward and the backward (bwd: the backward's extra operands, or null).
+Status check_params(FwdParams const& p, BwdParams const* bwd) {
   if (p.head_dim <= 0 || p.head_dim > kMaxHeadDim || p.head_dim % 8 != 0) {
     return {str_cat("flash_attn2: head_dim must be a multiple of 8 in [8, ", kMaxHeadDim, "], got ", p.head_dim)};
   }
@@ -69,13 +92,22 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
   constexpr int64_t kMaxTileRows = 128;
   constexpr int64_t kVector = 8;
   struct Operand { char const* name; void const* ptr; int64_t batch, row, head; int heads; int rows; };
-  Operand const operands[] = {
+  Operand operands[8] = {
       {"q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.num_heads, p.seqlen_q},
       {"k", p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.num_heads_k, p.seqlen_k},
       {"v", p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.num_heads_k, p.seqlen_k},
       {"out", p.out, p.out_batch_stride, p.out_row_stride, p.out_head_stride, p.num_heads, p.seqlen_q},
   };
-  for (Operand const& t : operands) {
+  int num_operands = 4;
+  if (bwd != nullptr) {
+    // dk and dv have one slice per query head under GQA (the caller reduces them), else k's heads.
+    operands[num_operands++] = {"dout", bwd->dout, bwd->dout_batch_stride, bwd->dout_row_stride, bwd->dout_head_stride, p.num_heads, p.seqlen_q};
+    operands[num_operands++] = {"dq", bwd->dq, bwd->dq_batch_stride, bwd->dq_row_stride, bwd->dq_head_stride, p.num_heads, p.seqlen_q};
+    operands[num_operands++] = {"dk", bwd->dk, bwd->dk_batch_stride, bwd->dk_row_stride, bwd->dk_head_stride, p.num_heads, p.seqlen_k};
+    operands[num_operands++] = {"dv", bwd->dv, bwd->dv_batch_stride, bwd->dv_row_stride, bwd->dv_head_stride, p.num_heads, p.seqlen_k};
+  }
+  for (int i = 0; i < num_operands; ++i) {
+    Operand const& t = operands[i];
     if (t.row < 0 || t.row * kMaxTileRows > INT32_MAX) {
       return {str_cat("flash_attn2: row strides must be in [0, 2^31 / ", kMaxTileRows, "), got ", t.row)};
     }
@@ -87,6 +119,11 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
                       "strides that are multiples of 8 elements (make it contiguous)")};
     }
   }
+  return {};
+}
+
+Status fwd(FwdParams const& p, cudaStream_t stream) {
+  if (Status const checked = check_params(p, nullptr); !checked.ok()) { return checked; }
   FwdKernel const* best = nullptr;
   for (FwdKernel const& k : kFwdKernels) {
     if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.head_dim < p.head_dim) { continue; }
@@ -111,6 +148,127 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
   status = best->run(p, stream);
   if (status != cudaSuccess) {
     return {str_cat("flash_attn2: forward kernel launch failed: ", cudaGetErrorString(status))};
+  }
+  return {};
+}
+
+namespace {
+
+BwdKernel const* find_bwd(BwdParams const& p, Status& status) {
+  BwdKernel const* best = nullptr;
+  for (BwdKernel const& k : kBwdKernels) {
+    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.head_dim < p.head_dim) { continue; }
+    if (best == nullptr || k.head_dim < best->head_dim) { best = &k; }
+  }
+  if (best == nullptr) {
+    status = {str_cat("flash_attn2: no backward kernel was built for dtype ", dtype_name(p.dtype), ", head dim ",
+                      p.head_dim, ", mask ", mask_name(p.mask), ". Built:\n", built_kernels(),
+                      "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).")};
+  }
+  return best;
+}
+
+int64_t lse_rows(FwdParams const& p) {
+  return int64_t(p.num_heads) * (p.cu_seqlens_q != nullptr ? p.total_q : int64_t(p.batch) * p.seqlen_q);
+}
+
+constexpr size_t kWorkspaceAlign = 256;
+size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
+
+// CTAs per (batch, head). Without determinism one per key block, all adding dQ atomically. With it,
+// each split owns a private dQ accumulator (memory: splits x dQ in fp32), so take the fewest splits that
+// keep the SMs as busy as the most would: the fraction of the last wave that is full.
+int choose_splits(BwdParams const& p, int block_n, int num_sms) {
+  int const n_blocks = (p.seqlen_k + block_n - 1) / block_n;
+  if (!p.deterministic || n_blocks <= 1) { return n_blocks; }
+  int64_t const heads = int64_t(p.batch) * p.num_heads;
+  int const limit = int(std::min<int64_t>(n_blocks, 2 * num_sms / std::max<int64_t>(heads, 1) + 1));
+  int best = 1;
+  double best_fill = 0.0;
+  for (int s = 1; s <= limit; ++s) {
+    int64_t const ctas = heads * s;
+    int64_t const waves = (ctas + num_sms - 1) / num_sms;
+    double const fill = double(ctas) / double(waves * num_sms);
+    if (fill > best_fill + 1e-6) { best = s, best_fill = fill; }
+  }
+  return best;
+}
+
+struct BwdPlan {
+  BwdKernel const* kernel = nullptr;
+  int num_splits = 0;
+  int num_accum_slices = 0;
+  size_t dsum_bytes = 0;
+  size_t accum_bytes = 0;
+};
+
+Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
+  if (Status const checked = check_params(p, &p); !checked.ok()) { return checked; }
+  if ((int64_t(p.seqlen_k) + 15) / 16 * p.num_heads * p.batch > INT32_MAX) {
+    return {str_cat("flash_attn2: batch * num_heads * seqlen_k is too large for one launch")};
+  }
+  Status status;
+  plan.kernel = find_bwd(p, status);
+  if (plan.kernel == nullptr) { return status; }
+  int device = 0;
+  int num_sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) { err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device); }
+  if (err != cudaSuccess) { return {str_cat("flash_attn2: ", cudaGetErrorString(err))}; }
+  BwdKernelInfo const info = plan.kernel->info();
+  plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1));
+  plan.num_accum_slices = p.deterministic ? std::max(plan.num_splits, 1) : 1;
+  int64_t const rows = lse_rows(p);
+  plan.dsum_bytes = align_up(size_t(rows) * sizeof(float));
+  plan.accum_bytes = align_up(size_t(plan.num_accum_slices) * size_t(rows) * info.head_dim * sizeof(float));
+  return {};
+}
+
+}  // namespace
+
+size_t bwd_workspace_bytes(BwdParams const& p) {
+  BwdPlan plan;
+  if (!plan_bwd(p, plan).ok()) { return 0; }
+  return plan.dsum_bytes + plan.accum_bytes;
+}
+
+Status bwd(BwdParams const& p, cudaStream_t stream) {
+  BwdPlan plan;
+  if (Status const planned = plan_bwd(p, plan); !planned.ok()) { return planned; }
+  if (p.batch == 0 || p.num_heads == 0) { return {}; }
+  if (p.dout == nullptr || p.dq == nullptr || p.dk == nullptr || p.dv == nullptr || p.softmax_lse == nullptr) {
+    return {"flash_attn2: bwd needs dout, dq, dk, dv and softmax_lse"};
+  }
+  if (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % kWorkspaceAlign != 0) {
+    return {str_cat("flash_attn2: bwd needs a workspace of bwd_workspace_bytes() = ", plan.dsum_bytes + plan.accum_bytes,
+                    " bytes, aligned to ", kWorkspaceAlign)};
+  }
+
+  int device = 0;
+  int smem_optin = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) {
+    status = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
+  if (status != cudaSuccess) { return {str_cat("flash_attn2: ", cudaGetErrorString(status))}; }
+  BwdKernelInfo const info = plan.kernel->info();
+  if (info.smem_bytes > smem_optin) {
+    return {str_cat("flash_attn2: the head dim ", info.head_dim, " backward kernel needs ", info.smem_bytes,
+                    " bytes of shared memory per block; this GPU offers ", smem_optin)};
+  }
+
+  BwdKernelParams kp;
+  static_cast<BwdParams&>(kp) = p;
+  char* const workspace = static_cast<char*>(p.workspace);
+  kp.dsum = reinterpret_cast<float*>(workspace);
+  kp.dq_accum = reinterpret_cast<float*>(workspace + plan.dsum_bytes);
+  kp.lse_rows = lse_rows(p);
+  kp.accum_head_dim = info.head_dim;
+  kp.num_splits = plan.num_splits;
+  kp.num_accum_slices = plan.num_accum_slices;
+  status = plan.kernel->run(kp, stream);
+  if (status != cudaSuccess) {
+    return {str_cat("flash_attn2: backward kernel launch failed: ", cudaGetErrorString(status))};
   }
   return {};
 }

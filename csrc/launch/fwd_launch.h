@@ -1,9 +1,10 @@
-// What the generated instantiation files define, for the dispatcher. No CuTe or CUTLASS types here.
+// What the generated instantiation files define (forward and backward), for the dispatcher. No CuTe or CUTLASS types here.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "flash_attn2/flash_attn2.h"
+#include "launch/bwd_kernel_params.h"
 
 namespace flash_attn2 {
 
@@ -12,5 +13,16 @@ template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim, MaskMode kMask>
 int fwd_smem_bytes();
+
+// What the dispatcher needs to know of a backward instantiation to size its grid and workspace.
+struct BwdKernelInfo {
+  int smem_bytes;
+  int block_n;
+  int head_dim;
+};
+template <DType kDType, int kHeadDim, MaskMode kMask>
+cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream);
+template <DType kDType, int kHeadDim, MaskMode kMask>
+BwdKernelInfo bwd_kernel_info();
 
 }  // namespace flash_attn2

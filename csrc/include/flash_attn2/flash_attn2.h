@@ -53,7 +53,20 @@ inline size_t fwd_lse_bytes(FwdParams const& p) {
 // function so callers that size buffers up front need no change when a variant starts to need one.
 inline size_t fwd_workspace_bytes(FwdParams const&) { return 0; }
 
-// The compiled forward kernels, one per line: "fwd <fp16|bf16> <head dim> <none|causal>".
+// Backward attention: dq, dk, dv from dout and the forward's q, k, v, out and softmax_lse (BwdParams).
+//   dq like q; dk, dv like k, v, except under GQA (num_heads_k < num_heads): then (batch, seqlen_k,
+//   num_heads, head_dim), one slice per query head, and the caller sums each group of
+//   num_heads / num_heads_k consecutive heads into the gradient of the shared kv head.
+//   workspace: bwd_workspace_bytes(p) bytes, 256-byte aligned (fp32 row sums and dq accumulators).
+// With p.deterministic the gradients are bitwise reproducible (no floating-point atomics; the
+// workspace is larger). Requirements as for fwd, for every operand including dout, dq, dk, dv.
+Status bwd(BwdParams const& params, cudaStream_t stream);
+
+// Bytes of workspace bwd needs for these params (0 if they are invalid: bwd then says why). Reads the
+// current device's SM count, so query it with the device current that will run bwd.
+size_t bwd_workspace_bytes(BwdParams const& params);
+
+// The compiled kernels, one per line: "<fwd|bwd> <fp16|bf16> <head dim> <none|causal>".
 std::string built_kernels();
 
 }  // namespace flash_attn2

@@ -51,4 +51,23 @@ struct FwdParams {
   MaskMode mask = MaskMode::kNone;
 };
 
+// Backward attention: the forward's inputs (FwdParams part: q, k, v, out, softmax_lse, strides, sizes,
+// cu_seqlens, mask) plus the output gradient and the three input gradients.
+struct BwdParams : FwdParams {
+  void const* __restrict__ dout = nullptr;  // like out
+  void* __restrict__ dq = nullptr;          // like q
+  // dk, dv: (batch, seqlen_k, num_heads, head_dim) when num_heads_k < num_heads (one slice per query
+  // head; the caller sums each group of num_heads / num_heads_k heads), else like k and v.
+  void* __restrict__ dk = nullptr;
+  void* __restrict__ dv = nullptr;
+  int64_t dout_batch_stride = 0, dout_row_stride = 0, dout_head_stride = 0;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+  // Scratch of bwd_workspace_bytes(*this) bytes, 256-byte aligned, contents irrelevant.
+  void* __restrict__ workspace = nullptr;
+  // Bitwise reproducible gradients: no floating-point atomics.
+  bool deterministic = false;
+};
+
 }  // namespace flash_attn2

@@ -1,0 +1,207 @@
+#include "api/torch_api.h"
+
+#include <algorithm>
+#include <vector>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include "common/strings.h"
+#include "launch/fwd_launch.h"
+
+// Messages are built with str_cat and handed to TORCH_CHECK as one std::string, which c10 passes
+// through as is; see common/strings.h for why no iostream formatting happens in this library.
+namespace flash_attn2 {
+namespace {
+
+DType dtype_of(at::Tensor const& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::kFp16;
+    case at::kBFloat16: return DType::kBf16;
+    default:
+      TORCH_CHECK(false, str_cat("flash_attn2: only float16 and bfloat16 are supported, got ",
+                                 c10::toString(t.scalar_type())));
+  }
+}
+
+void check_qkv(at::Tensor const& t, char const* name, at::Tensor const& q, int64_t dims) {
+  TORCH_CHECK(t.is_cuda(), str_cat("flash_attn2: ", name, " must be a CUDA tensor"));
+  TORCH_CHECK(t.device() == q.device(), str_cat("flash_attn2: ", name, " is on ", t.device().str(), " but q is on ",
+                                                q.device().str()));
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), str_cat("flash_attn2: ", name, " has dtype ",
+                                                          c10::toString(t.scalar_type()), " but q has ",
+                                                          c10::toString(q.scalar_type())));
+  TORCH_CHECK(t.dim() == dims, str_cat("flash_attn2: ", name, " must have ", dims, " dims (",
+                                       dims == 4 ? "batch, seqlen" : "total tokens", ", heads, head_dim), got ", t.dim()));
+  TORCH_CHECK(t.stride(-1) == 1, str_cat("flash_attn2: ", name, " must be contiguous in its last dimension"));
+}
+
+void check_cu_seqlens(at::Tensor const& cu, char const* name, at::Tensor const& q, int64_t batch) {
+  TORCH_CHECK(cu.device() == q.device(), str_cat("flash_attn2: ", name, " must be on q's device"));
+  TORCH_CHECK(cu.scalar_type() == at::kInt, str_cat("flash_attn2: ", name, " must be int32"));
+  TORCH_CHECK(cu.dim() == 1 && cu.is_contiguous(), str_cat("flash_attn2: ", name, " must be a contiguous 1-D tensor"));
+  TORCH_CHECK(cu.numel() == batch + 1, str_cat("flash_attn2: ", name, " has ", cu.numel(), " entries; expected ",
+                                               batch + 1, " (batch + 1)"));
+}
+
+// Checks q, k, v (and the varlen vectors) and fills the size, stride, dtype and mask fields of p that
+// the forward and the backward share; out and softmax_lse are filled by the caller.
+void fill_problem(FwdParams& p, at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, double softmax_scale,
+                  bool causal, std::optional<at::Tensor> const& cu_seqlens_q,
+                  std::optional<at::Tensor> const& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  bool const varlen = cu_seqlens_q.has_value();
+  TORCH_CHECK(varlen == cu_seqlens_k.has_value(), "flash_attn2: give both cu_seqlens_q and cu_seqlens_k, or neither");
+  int64_t const dims = varlen ? 3 : 4;
+  check_qkv(q, "q", q, dims);
+  check_qkv(k, "k", q, dims);
+  check_qkv(v, "v", q, dims);
+  DType const dtype = dtype_of(q);
+  // Dense: (batch, seqlen, heads, head_dim). Varlen: (total, heads, head_dim), seen with seqlen = the bound.
+  int64_t const batch = varlen ? cu_seqlens_q->numel() - 1 : q.size(0);
+  int64_t const seqlen_q = varlen ? max_seqlen_q : q.size(1);
+  int64_t const seqlen_k = varlen ? max_seqlen_k : k.size(1);
+  int64_t const num_heads = q.size(-2), head_dim = q.size(-1), num_heads_k = k.size(-2);
+  TORCH_CHECK(k.sizes() == v.sizes(), "flash_attn2: k and v must have the same shape");
+  TORCH_CHECK(varlen || k.size(0) == batch,
+              str_cat("flash_attn2: batch of k (", k.size(0), ") differs from q (", batch, ")"));
+  TORCH_CHECK(k.size(-1) == head_dim,
+              str_cat("flash_attn2: head_dim of k (", k.size(-1), ") differs from q (", head_dim, ")"));
+  TORCH_CHECK(seqlen_q >= 0 && seqlen_k >= 0 && seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX,
+              "flash_attn2: sequence lengths (max_seqlen_q/k for variable-length batches) must be in [0, 2^31)");
+  if (varlen) {
+    TORCH_CHECK(batch >= 0, "flash_attn2: cu_seqlens_q must have at least one entry");
+    check_cu_seqlens(*cu_seqlens_q, "cu_seqlens_q", q, batch);
+    check_cu_seqlens(*cu_seqlens_k, "cu_seqlens_k", q, batch);
+  }
+
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  // Strides counted from the last dim, so the dense and packed layouts read alike; no batch stride when packed.
+  p.q_batch_stride = varlen ? 0 : q.stride(0), p.q_row_stride = q.stride(-3), p.q_head_stride = q.stride(-2);
+  p.k_batch_stride = varlen ? 0 : k.stride(0), p.k_row_stride = k.stride(-3), p.k_head_stride = k.stride(-2);
+  p.v_batch_stride = varlen ? 0 : v.stride(0), p.v_row_stride = v.stride(-3), p.v_head_stride = v.stride(-2);
+  if (varlen) {
+    p.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k->data_ptr<int>();
+    p.total_q = q.size(0);
+  }
+  p.batch = int(batch);
+  p.seqlen_q = int(seqlen_q);
+  p.seqlen_k = int(seqlen_k);
+  p.num_heads = int(num_heads);
+  p.num_heads_k = int(num_heads_k);
+  p.head_dim = int(head_dim);
+  p.softmax_scale = float(softmax_scale);
+  p.dtype = dtype;
+  p.mask = causal ? MaskMode::kCausal : MaskMode::kNone;
+}
+
+// Batch, row and head strides of a (batch, seqlen, heads, d) or packed (total, heads, d) tensor.
+struct Strides {
+  int64_t batch, row, head;
+};
+Strides strides_of(at::Tensor const& t, bool varlen) {
+  return {varlen ? 0 : t.stride(0), t.stride(-3), t.stride(-2)};
+}
+
+at::Tensor lse_like(FwdParams const& p, at::Tensor const& q) {
+  bool const varlen = p.cu_seqlens_q != nullptr;
+  return varlen ? at::empty({p.num_heads, q.size(0)}, q.options().dtype(at::kFloat))
+                : at::empty({p.batch, p.num_heads, p.seqlen_q}, q.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
+                                           double softmax_scale, bool causal,
+                                           std::optional<at::Tensor> const& cu_seqlens_q,
+                                           std::optional<at::Tensor> const& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k) {
+  FwdParams p;
+  fill_problem(p, q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  bool const varlen = cu_seqlens_q.has_value();
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = lse_like(p, q);
+  p.out = out.data_ptr();
+  p.softmax_lse = lse.data_ptr<float>();
+  Strides const so = strides_of(out, varlen);
+  p.out_batch_stride = so.batch, p.out_row_stride = so.row, p.out_head_stride = so.head;
+
+  // num_heads % num_heads_k, head_dim limits and the kernel choice are checked by the dispatcher.
+  Status const status = fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status.ok(), status.message);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mha_bwd(at::Tensor const& dout, at::Tensor const& q,
+                                                       at::Tensor const& k, at::Tensor const& v,
+                                                       at::Tensor const& out, at::Tensor const& softmax_lse,
+                                                       double softmax_scale, bool causal, bool deterministic,
+                                                       std::optional<at::Tensor> const& cu_seqlens_q,
+                                                       std::optional<at::Tensor> const& cu_seqlens_k,
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  BwdParams p;
+  fill_problem(p, q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  bool const varlen = cu_seqlens_q.has_value();
+  int64_t const dims = varlen ? 3 : 4;
+  check_qkv(out, "out", q, dims);
+  check_qkv(dout, "dout", q, dims);
+  TORCH_CHECK(out.sizes() == q.sizes(), "flash_attn2: out must have q's shape");
+  TORCH_CHECK(dout.sizes() == q.sizes(), "flash_attn2: dout must have q's shape");
+  std::vector<int64_t> const lse_shape =
+      varlen ? std::vector<int64_t>{p.num_heads, q.size(0)} : std::vector<int64_t>{p.batch, p.num_heads, p.seqlen_q};
+  TORCH_CHECK(softmax_lse.is_cuda() && softmax_lse.device() == q.device() && softmax_lse.scalar_type() == at::kFloat &&
+                  softmax_lse.is_contiguous() && softmax_lse.sizes() == at::IntArrayRef(lse_shape),
+              str_cat("flash_attn2: softmax_lse must be the forward's contiguous float32 ",
+                      varlen ? "(heads, total_q)" : "(batch, heads, seqlen_q)", " tensor on q's device"));
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  p.out = const_cast<void*>(out.data_ptr());
+  p.softmax_lse = softmax_lse.data_ptr<float>();
+  Strides const so = strides_of(out, varlen);
+  p.out_batch_stride = so.batch, p.out_row_stride = so.row, p.out_head_stride = so.head;
+  p.dout = dout.data_ptr();
+  Strides const sdo = strides_of(dout, varlen);
+  p.dout_batch_stride = sdo.batch, p.dout_row_stride = sdo.row, p.dout_head_stride = sdo.head;
+
+  // GQA: the kernel writes one dk/dv slice per query head; each group is summed below (in the input
+  // dtype, with fp32 accumulation inside at::sum). The alternative, fp32 atomics into k's shape, would
+  // make the default path's dk/dv order-dependent and need a conversion pass anyway.
+  bool const grouped = p.num_heads_k != p.num_heads;
+  std::vector<int64_t> kv_shape(k.sizes().begin(), k.sizes().end());
+  if (grouped) { kv_shape[kv_shape.size() - 2] = p.num_heads; }
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(kv_shape, k.options());
+  at::Tensor dv = at::empty(kv_shape, k.options());
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  Strides const sdq = strides_of(dq, varlen), sdk = strides_of(dk, varlen), sdv = strides_of(dv, varlen);
+  p.dq_batch_stride = sdq.batch, p.dq_row_stride = sdq.row, p.dq_head_stride = sdq.head;
+  p.dk_batch_stride = sdk.batch, p.dk_row_stride = sdk.row, p.dk_head_stride = sdk.head;
+  p.dv_batch_stride = sdv.batch, p.dv_row_stride = sdv.row, p.dv_head_stride = sdv.head;
+  p.deterministic = deterministic;
+
+  size_t const workspace_bytes = bwd_workspace_bytes(p);
+  at::Tensor workspace = at::empty({int64_t(std::max<size_t>(workspace_bytes, 1))}, q.options().dtype(at::kByte));
+  p.workspace = workspace.data_ptr();
+  Status const status = bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status.ok(), status.message);
+
+  if (grouped) {
+    int64_t const group = p.num_heads / p.num_heads_k;
+    std::vector<int64_t> split_shape(k.sizes().begin(), k.sizes().end());
+    split_shape.insert(split_shape.end() - 1, group);  // (..., heads_k, group, d)
+    dk = dk.view(split_shape).sum(-2);
+    dv = dv.view(split_shape).sum(-2);
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace flash_attn2

@@ -1,0 +1,31 @@
+// The torch-facing forward and backward: tensors in, tensors out. The only layer (with bindings.cpp) that sees torch.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace flash_attn2 {
+
+// q (b, s_q, h, d), k/v (b, s_k, h_k, d), CUDA fp16/bf16, d % 8 == 0, d <= 256, stride(-1) == 1.
+// Returns out (b, s_q, h, d) contiguous and softmax_lse (b, h, s_q) fp32.
+// Variable-length: with cu_seqlens_q/k (int32 (b + 1,)), q is (total_q, h, d), k/v (total_k, h_k, d),
+// max_seqlen_q >= every q length; out is (total_q, h, d) and softmax_lse (h, total_q).
+std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
+                                           double softmax_scale, bool causal,
+                                           std::optional<at::Tensor> const& cu_seqlens_q,
+                                           std::optional<at::Tensor> const& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k);
+
+// Gradients of mha_fwd: dout like out, and the forward's q, k, v, out, softmax_lse and arguments.
+// Returns dq, dk, dv with q's, k's and v's shapes (contiguous). deterministic: bitwise reproducible.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mha_bwd(at::Tensor const& dout, at::Tensor const& q,
+                                                       at::Tensor const& k, at::Tensor const& v,
+                                                       at::Tensor const& out, at::Tensor const& softmax_lse,
+                                                       double softmax_scale, bool causal, bool deterministic,
+                                                       std::optional<at::Tensor> const& cu_seqlens_q,
+                                                       std::optional<at::Tensor> const& cu_seqlens_k,
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k);
+
+}  // namespace flash_attn2

@@ -1,0 +1,97 @@
+// Every CuTe type of the sm80 (mma.sync) backward kernel, derived from (Element, kHeadDim) and the
+// backward tile table. Shares the MMA atom, swizzle atoms and copy atoms with the forward.
+#pragma once
+
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "collective/fwd_traits.h"
+#include "common/tile_config.h"
+
+namespace flash_attn2 {
+
+using namespace cute;
+
+template <class Element_, int kHeadDim_>
+struct BwdTraitsSm80 {
+  using Element = Element_;
+  static_assert(std::is_same_v<Element, cutlass::half_t> || std::is_same_v<Element, cutlass::bfloat16_t>,
+                "fp16 and bf16 only");
+
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr BwdTile kTile = bwd_tile(kHeadDim);
+  static_assert(kTile.block_m > 0, "no row in bwd_tile() for this head dim");
+  static constexpr int kBlockM = kTile.block_m;
+  static constexpr int kBlockN = kTile.block_n;
+  static constexpr int kNWarps = kTile.num_warps;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kStages = kTile.stages;
+  static_assert(kStages == 1 || kStages == 2, "one or two Q/dO buffers");
+
+  // Three tiled MMAs, one per output shape; each warp grid is (warps along rows, warps along columns).
+  // The column extent 16 per warp lets one ldmatrix.x4 feed two 8-wide B atoms.
+  template <int kWarpsRows>
+  using WarpTiledMma = TiledMMA<Sm80MmaAtom<Element>, Layout<Shape<Int<kWarpsRows>, Int<kNWarps / kWarpsRows>, _1>>,
+                                Tile<Int<16 * kWarpsRows>, Int<16 * (kNWarps / kWarpsRows)>, _16>>;
+  using TiledMmaSdP = WarpTiledMma<kTile.warps_m_sdp>;  // (kBlockM, kBlockN) = (kBlockM, d) x (kBlockN, d)^T
+  using TiledMmadKV = WarpTiledMma<kTile.warps_n_dkv>;  // (kBlockN, d) += (kBlockN, kBlockM) x (d, kBlockM)^T
+  using TiledMmadQ = WarpTiledMma<kTile.warps_m_dq>;    // (kBlockM, d) = (kBlockM, kBlockN) x (d, kBlockN)^T
+  static_assert(kBlockM % (16 * kTile.warps_m_sdp) == 0 && kBlockN % (16 * (kNWarps / kTile.warps_m_sdp)) == 0);
+  static_assert(kBlockN % (16 * kTile.warps_n_dkv) == 0 && kHeadDim % (16 * (kNWarps / kTile.warps_n_dkv)) == 0);
+  static_assert(kBlockM % (16 * kTile.warps_m_dq) == 0 && kHeadDim % (16 * (kNWarps / kTile.warps_m_dq)) == 0);
+
+  // (rows, kHeadDim) tiles of Q, dO, K, V: the forward's swizzled rows.
+  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
+  using SmemLayoutAtom = decltype(composition(
+      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // Transposed views, the B operands whose reduction runs along the rows: Q^T and dO^T (d, kBlockM) for
+  // dK and dV, K^T (d, kBlockN) for dQ. Read with transposing ldmatrix; fragments from the unswizzled part.
+  using SmemLayoutQt = decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutQtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutQt{}));
+  using SmemLayoutKt = decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutKtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutKt{}));
+
+  // P and dS (kBlockM, kBlockN), and their transposes (kBlockN, kBlockM), the A operands of dV and dK.
+  static constexpr int kBlockNSmem = kBlockN % 64 == 0 ? 64 : 32;
+  using SmemLayoutAtomPdS = decltype(composition(
+      Swizzle<kBlockNSmem == 32 ? 2 : 3, 3, 3>{}, Layout<Shape<_8, Int<kBlockNSmem>>, Stride<Int<kBlockNSmem>, _1>>{}));
+  using SmemLayoutPdS = decltype(tile_to_shape(SmemLayoutAtomPdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  using SmemLayoutPdSt = decltype(composition(SmemLayoutPdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutPdStNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutPdSt{}));
+
+  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
+  using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
+  using SmemCopyAtomStore = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>;  // accumulator pairs
+  using SmemCopyAtomdKV = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>;
+
+  // Global <-> shared: 16-byte accesses, kGmemThreadsPerRow threads per swizzle-atom row.
+  static constexpr int kGmemElemsPerLoad = sizeof(cute::uint128_t) / sizeof(Element);
+  static constexpr int kGmemThreadsPerRow = kBlockKSmem / kGmemElemsPerLoad;
+  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+                                Stride<Int<kGmemThreadsPerRow>, _1>>;
+  using GmemTiledCopyLoad = decltype(make_tiled_copy(
+      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
+      Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
+  using GmemTiledCopyStore = decltype(make_tiled_copy(
+      Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
+      Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
+  static_assert(kBlockM % (kNThreads / kGmemThreadsPerRow) == 0, "the Q copy must tile block_m");
+  static_assert(kBlockN % (kNThreads / kGmemThreadsPerRow) == 0, "the K/V copy must tile block_n");
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ> * kStages> q;
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ> * kStages> dout;
+    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;  // also stages dK in the epilogue
+    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;  // also stages dV in the epilogue
+    cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> p;
+    cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> ds;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+};
+
+}  // namespace flash_attn2

@@ -1,0 +1,301 @@
+// FlashAttention-2 backward on mma.sync (sm80, and sm90 through the same code).
+// One CTA per (key block, head, batch), or per (split, head, batch) walking key blocks split, split +
+// num_splits, ... . The CTA keeps its K and V tile in shared memory and dK, dV in registers, and walks
+// the query blocks that see the key block, from the last down. Per query block it recomputes
+// P = exp(S * scale - lse) from the forward's lse (no running max, nothing N x N stored), forms
+// dS = P o (dP - rowsum(dO o O)) with dP = dO V^T, accumulates dV += P^T dO and dK += dS^T Q, and adds
+// dQ = dS K into an fp32 accumulator in global memory with atomics (deterministic mode: into a slice
+// of its own per split). Q and dO of the next query block load under this one's math when there are two stages.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "collective/block_info.h"
+#include "collective/copy.h"
+#include "collective/gemm.h"
+#include "collective/mask.h"
+#include "collective/utils.h"
+#include "launch/bwd_kernel_params.h"
+
+namespace flash_attn2 {
+
+using namespace cute;
+
+template <class Traits, MaskMode kMask>
+struct FlashBwdKernelSm80 {
+  using Element = typename Traits::Element;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kHeadDim = Traits::kHeadDim;
+  static constexpr int kNThreads = Traits::kNThreads;
+  static constexpr int kStages = Traits::kStages;
+  static constexpr int kSmemBytes = Traits::kSmemBytes;
+  using SharedStorage = typename Traits::SharedStorage;
+  using Mask = BlockMask<kMask, kBlockM, kBlockN>;
+
+  CUTE_HOST_DEVICE static int num_n_blocks(int seqlen_k) { return (seqlen_k + kBlockN - 1) / kBlockN; }
+
+  // Adds a thread's dQ fragment to the fp32 accumulator with fire-and-forget atomics (no load latency
+  // in the loop); rows >= max_rows are outside the sequence. Deterministic mode gives each split its own
+  // accumulator slice, so each address has one writing thread, whose same-address atomics apply in
+  // program order: the same sums every run.
+  template <class TensorG, class TensorA, class TensorC>
+  CUTE_DEVICE static void add_dq(TensorG& gdq, TensorA const& acc, TensorC const& coords, int max_rows) {
+    CUTE_STATIC_ASSERT_V(size(gdq) == size(acc));
+    bool const full = max_rows >= kBlockM;
+    // Values 2j and 2j + 1 of an m16n8 accumulator are adjacent columns of one row.
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      if (full || get<0>(coords(i)) < max_rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        atomicAdd(reinterpret_cast<float2*>(&gdq(i)), make_float2(acc(i), acc(i + 1)));
+#else
+        atomicAdd(&gdq(i), acc(i));
+        atomicAdd(&gdq(i + 1), acc(i + 1));
+#endif
+      }
+    }
+  }
+
+  CUTE_DEVICE void operator()(BwdKernelParams const& params, char* smem_buf) const {
+    int const tidx = threadIdx.x;
+    int const splits = params.num_splits;
+    int const bh = int(blockIdx.x) / splits;
+    int const split = int(blockIdx.x) - bh * splits;
+    int const head = bh % params.num_heads;
+    int const batch = bh / params.num_heads;
+
+    BwdBlockInfo const binfo(params, batch, head);
+    Mask const mask{binfo.seqlen_q, binfo.seqlen_k};
+    int const n_blocks = num_n_blocks(binfo.seqlen_k);
+    if (split >= n_blocks) { return; }
+    int const head_dim = params.head_dim;
+    int const m_block_end = mask.m_block_end();
+    float const scale_log2 = params.softmax_scale * float(M_LOG2E);
+
+    SharedStorage& storage = *reinterpret_cast<SharedStorage*>(smem_buf);
+
+    Element const* const q_ptr = static_cast<Element const*>(params.q) + binfo.q_offset;
+    Element const* const k_ptr = static_cast<Element const*>(params.k) + binfo.k_offset;
+    Element const* const v_ptr = static_cast<Element const*>(params.v) + binfo.v_offset;
+    Element const* const do_ptr = static_cast<Element const*>(params.dout) + binfo.dout_offset;
+    Element* const dk_ptr = static_cast<Element*>(params.dk) + binfo.dk_offset;
+    Element* const dv_ptr = static_cast<Element*>(params.dv) + binfo.dv_offset;
+    float const* const lse_ptr = params.softmax_lse + binfo.lse_offset;
+    float const* const dsum_ptr = params.dsum + binfo.lse_offset;
+    float* const dq_accum_ptr =
+        params.dq_accum + ((params.deterministic ? int64_t(split) * params.lse_rows : 0) + binfo.lse_offset) * kHeadDim;
+    // (rows, kHeadDim) tile `block` of a row-major operand; 32-bit offsets inside the tile.
+    auto tile = [](auto* base, int64_t row_stride, int block, auto rows) {
+      return make_tensor(make_gmem_ptr(base + int64_t(block) * decltype(rows)::value * row_stride),
+                         make_layout(make_shape(rows, Int<kHeadDim>{}), make_stride(int(row_stride), _1{})));
+    };
+
+    // Shared memory. Q and dO have kStages buffers; `buf` selects one.
+    constexpr int kQSize = cosize_v<typename Traits::SmemLayoutQ>;
+    auto sQ = [&](int buf) { return make_tensor(make_smem_ptr(storage.q.data() + buf * kQSize), typename Traits::SmemLayoutQ{}); };
+    auto sdO = [&](int buf) { return make_tensor(make_smem_ptr(storage.dout.data() + buf * kQSize), typename Traits::SmemLayoutQ{}); };
+    auto sQt = [&](int buf) { return make_tensor(make_smem_ptr(storage.q.data() + buf * kQSize), typename Traits::SmemLayoutQt{}); };
+    auto sdOt = [&](int buf) { return make_tensor(make_smem_ptr(storage.dout.data() + buf * kQSize), typename Traits::SmemLayoutQt{}); };
+    Tensor sQtNoSwizzle = make_tensor(make_smem_ptr(storage.q.data()), typename Traits::SmemLayoutQtNoSwizzle{});
+    Tensor sK = make_tensor(make_smem_ptr(storage.k.data()), typename Traits::SmemLayoutKV{});    // (kBlockN, d)
+    Tensor sV = make_tensor(make_smem_ptr(storage.v.data()), typename Traits::SmemLayoutKV{});    // (kBlockN, d)
+    Tensor sKt = make_tensor(make_smem_ptr(storage.k.data()), typename Traits::SmemLayoutKt{});   // (d, kBlockN)
+    Tensor sKtNoSwizzle = make_tensor(make_smem_ptr(storage.k.data()), typename Traits::SmemLayoutKtNoSwizzle{});
+    Tensor sP = make_tensor(make_smem_ptr(storage.p.data()), typename Traits::SmemLayoutPdS{});     // (kBlockM, kBlockN)
+    Tensor sdS = make_tensor(make_smem_ptr(storage.ds.data()), typename Traits::SmemLayoutPdS{});   // (kBlockM, kBlockN)
+    Tensor sPt = make_tensor(make_smem_ptr(storage.p.data()), typename Traits::SmemLayoutPdSt{});   // (kBlockN, kBlockM)
+    Tensor sdSt = make_tensor(make_smem_ptr(storage.ds.data()), typename Traits::SmemLayoutPdSt{}); // (kBlockN, kBlockM)
+    Tensor sPdStNoSwizzle = make_tensor(make_smem_ptr(storage.p.data()), typename Traits::SmemLayoutPdStNoSwizzle{});
+
+    // Global -> shared.
+    typename Traits::GmemTiledCopyLoad gmem_tiled_copy;
+    auto gmem_thr_copy = gmem_tiled_copy.get_thread_slice(tidx);
+    Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    auto load_q_do = [&](int m_block, int buf) {
+      int const rows = binfo.seqlen_q - m_block * kBlockM;
+      copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{})),
+                      gmem_thr_copy.partition_D(sQ(buf)), tQcQ, rows, head_dim);
+      copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(do_ptr, params.dout_row_stride, m_block, Int<kBlockM>{})),
+                      gmem_thr_copy.partition_D(sdO(buf)), tQcQ, rows, head_dim);
+      cp_async_fence();
+    };
+
+    // S = Q K^T and dP = dO V^T.
+    typename Traits::TiledMmaSdP tiled_mma_sdp;
+    auto thr_mma_sdp = tiled_mma_sdp.get_thread_slice(tidx);
+    Tensor tSrQ = thr_mma_sdp.partition_fragment_A(sQ(0));   // (MMA, MMA_M, MMA_K)
+    Tensor tSrK = thr_mma_sdp.partition_fragment_B(sK);      // (MMA, MMA_N, MMA_K)
+    Tensor tdPrdO = thr_mma_sdp.partition_fragment_A(sdO(0));
+    Tensor tdPrV = thr_mma_sdp.partition_fragment_B(sV);
+    auto copy_a_sdp = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma_sdp);
+    auto copy_b_sdp = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma_sdp);
+    auto thr_copy_a_sdp = copy_a_sdp.get_thread_slice(tidx);
+    Tensor tSsK = copy_b_sdp.get_thread_slice(tidx).partition_S(sK);
+    Tensor tdPsV = copy_b_sdp.get_thread_slice(tidx).partition_S(sV);
+    Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tScS0 = tiled_mma_sdp.get_thread_slice(0).partition_C(cS);  // thread 0's (row, col): static offsets
+    Tensor tScS = thr_mma_sdp.partition_C(cS);
+    int const score_row_base = get<0>(tScS(0));
+    int const score_col_base = get<1>(tScS(0));
+    Tensor tScS_rowcol = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));  // (rows, cols) -> (row, col)
+    constexpr int kScoreRows = decltype(size<0>(tScS_rowcol))::value;
+
+    // dV += P^T dO and dK += dS^T Q.
+    typename Traits::TiledMmadKV tiled_mma_dkv;
+    auto thr_mma_dkv = tiled_mma_dkv.get_thread_slice(tidx);
+    Tensor tdVrPt = thr_mma_dkv.partition_fragment_A(sPdStNoSwizzle);  // also dS^T's fragment
+    Tensor tdVrdOt = thr_mma_dkv.partition_fragment_B(sQtNoSwizzle);   // also Q^T's fragment
+    auto copy_a_dkv = make_tiled_copy_A(typename Traits::SmemCopyAtomTransposed{}, tiled_mma_dkv);
+    auto copy_b_dkv = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma_dkv);
+    Tensor tdVsPt = copy_a_dkv.get_thread_slice(tidx).partition_S(sPt);
+    Tensor tdKsdSt = copy_a_dkv.get_thread_slice(tidx).partition_S(sdSt);
+
+    // dQ = dS K.
+    typename Traits::TiledMmadQ tiled_mma_dq;
+    auto thr_mma_dq = tiled_mma_dq.get_thread_slice(tidx);
+    Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);
+    Tensor tdQrKt = thr_mma_dq.partition_fragment_B(sKtNoSwizzle);
+    auto copy_a_dq = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma_dq);
+    auto copy_b_dq = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma_dq);
+    Tensor tdQsdS = copy_a_dq.get_thread_slice(tidx).partition_S(sdS);
+    Tensor tdQsKt = copy_b_dq.get_thread_slice(tidx).partition_S(sKt);
+    Tensor tdQcdQ = thr_mma_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+
+    // Register -> shared for P and dS.
+    auto copy_pds = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma_sdp);
+    auto thr_copy_pds = copy_pds.get_thread_slice(tidx);
+    Tensor tPsP = thr_copy_pds.partition_D(sP);
+    Tensor tdSsdS = thr_copy_pds.partition_D(sdS);
+
+    for (int n_block = split; n_block < n_blocks; n_block += splits) {
+      int const rows_k = binfo.seqlen_k - n_block * kBlockN;
+      int const m_block_begin = mask.m_block_begin(n_block);
+      int const m_block_masked_end = mask.m_block_masked_end(n_block);
+
+      Tensor acc_dk = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+      Tensor acc_dv = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+      clear(acc_dk);
+      clear(acc_dv);
+
+      if (m_block_begin < m_block_end) {
+        __syncthreads();  // a previous key block's epilogue is done with sK and sV
+        copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(k_ptr, params.k_row_stride, n_block, Int<kBlockN>{})),
+                        gmem_thr_copy.partition_D(sK), tKVcKV, rows_k, head_dim);
+        copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n_block, Int<kBlockN>{})),
+                        gmem_thr_copy.partition_D(sV), tKVcKV, rows_k, head_dim);
+        load_q_do(m_block_end - 1, 0);  // one group with K and V
+
+        int buf = 0;
+        auto step = [&](int m_block, auto needs_mask) {
+          // This thread's score rows: lse (log2 units) and rowsum(dO o O). Rows past the sequence get
+          // lse = +inf, so P = 0 there (their Q and dO are zero-filled).
+          int const rows_q = binfo.seqlen_q - m_block * kBlockM;
+          float lse_log2[kScoreRows];
+          float dsum[kScoreRows];
+          CUTE_UNROLL
+          for (int r = 0; r < kScoreRows; ++r) {
+            int const row = get<0>(tScS_rowcol(r, 0));
+            bool const valid = row < rows_q;
+            lse_log2[r] = valid ? lse_ptr[m_block * kBlockM + row] * float(M_LOG2E) : INFINITY;
+            dsum[r] = valid ? dsum_ptr[m_block * kBlockM + row] : 0.f;
+          }
+          cp_async_wait<0>();
+          __syncthreads();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
+          if (kStages == 2 && m_block > m_block_begin) { load_q_do(m_block - 1, buf ^ 1); }
+
+          Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+          clear(acc_s);
+          gemm_ss(acc_s, tSrQ, tSrK, thr_copy_a_sdp.partition_S(sQ(buf)), tSsK, tiled_mma_sdp, copy_a_sdp,
+                  copy_b_sdp, tidx);
+          if constexpr (decltype(needs_mask)::value) {
+            mask.apply(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block);
+          }
+          Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(scores); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(scores); ++c) {
+              scores(r, c) = exp2_approx(scores(r, c) * scale_log2 - lse_log2[r]);
+            }
+          }
+
+          {
+            Tensor rP = convert_fragment<Element>(acc_s);  // stored under the dP GEMM's latency
+            copy(copy_pds, thr_copy_pds.retile_S(rP), tPsP);
+          }
+
+          Tensor acc_dp = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+          clear(acc_dp);
+          gemm_ss(acc_dp, tdPrdO, tdPrV, thr_copy_a_sdp.partition_S(sdO(buf)), tdPsV, tiled_mma_sdp, copy_a_sdp,
+                  copy_b_sdp, tidx);
+          Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(dp); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(dp); ++c) { dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]); }
+          }
+          Tensor rdS = convert_fragment<Element>(acc_dp);
+          copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
+          __syncthreads();  // P and dS are in shared memory
+
+          gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, copy_b_dkv.get_thread_slice(tidx).partition_S(sdOt(buf)),
+                  tiled_mma_dkv, copy_a_dkv, copy_b_dkv, tidx);
+          gemm_ss(acc_dk, tdVrPt, tdVrdOt, tdKsdSt, copy_b_dkv.get_thread_slice(tidx).partition_S(sQt(buf)),
+                  tiled_mma_dkv, copy_a_dkv, copy_b_dkv, tidx);
+
+          Tensor acc_dq = partition_fragment_C(tiled_mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+          clear(acc_dq);
+          gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, tiled_mma_dq, copy_a_dq, copy_b_dq, tidx);
+          Tensor gdQaccum = make_tensor(make_gmem_ptr(dq_accum_ptr + int64_t(m_block) * kBlockM * kHeadDim),
+                                        Shape<Int<kBlockM>, Int<kHeadDim>>{}, Stride<Int<kHeadDim>, _1>{});
+          Tensor tdQgdQ = thr_mma_dq.partition_C(gdQaccum);
+          add_dq(tdQgdQ, acc_dq, tdQcdQ, rows_q);
+
+          if (kStages == 1 && m_block > m_block_begin) {
+            __syncthreads();  // every warp is done reading Q[m] and dO[m]
+            load_q_do(m_block - 1, 0);
+          }
+          if (kStages == 2) { buf ^= 1; }
+        };
+
+        // Query blocks from the last down: first those that see the whole key block, then the masked ones.
+        int m_block = m_block_end - 1;
+        for (; m_block >= m_block_masked_end; --m_block) { step(m_block, cute::false_type{}); }
+        for (; m_block >= m_block_begin; --m_block) { step(m_block, cute::true_type{}); }
+      }
+
+      // Epilogue: dK picks up the softmax scale (dS is the gradient of the scaled scores); both go to
+      // global memory through shared memory for 16-byte stores.
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }
+      Tensor rdK = convert_fragment<Element>(acc_dk);
+      Tensor rdV = convert_fragment<Element>(acc_dv);
+      auto copy_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma_dkv);
+      auto thr_copy_dkv = copy_dkv.get_thread_slice(tidx);
+      __syncthreads();  // every warp is done reading K and V
+      copy(copy_dkv, thr_copy_dkv.retile_S(rdK), thr_copy_dkv.partition_D(sK));
+      copy(copy_dkv, thr_copy_dkv.retile_S(rdV), thr_copy_dkv.partition_D(sV));
+      __syncthreads();
+
+      typename Traits::GmemTiledCopyStore gmem_tiled_copy_store;
+      auto gmem_thr_copy_store = gmem_tiled_copy_store.get_thread_slice(tidx);
+      Tensor tdKVcdKV = gmem_thr_copy_store.partition_D(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+      Tensor tdKsdK = gmem_thr_copy_store.partition_S(sK);
+      Tensor tdVsdV = gmem_thr_copy_store.partition_S(sV);
+      Tensor tdKrdK = make_fragment_like(tdKsdK);
+      Tensor tdVrdV = make_fragment_like(tdVsdV);
+      copy(gmem_tiled_copy_store, tdKsdK, tdKrdK);
+      copy(gmem_tiled_copy_store, tdVsdV, tdVrdV);
+      copy_tile<false>(gmem_tiled_copy_store, tdKrdK,
+                       gmem_thr_copy_store.partition_D(tile(dk_ptr, params.dk_row_stride, n_block, Int<kBlockN>{})),
+                       tdKVcdKV, rows_k, head_dim);
+      copy_tile<false>(gmem_tiled_copy_store, tdVrdV,
+                       gmem_thr_copy_store.partition_D(tile(dv_ptr, params.dv_row_stride, n_block, Int<kBlockN>{})),
+                       tdKVcdKV, rows_k, head_dim);
+    }
+  }
+};
+
+}  // namespace flash_attn2

@@ -1,0 +1,67 @@
+// Launches one backward instantiation: preprocess, dQ accumulator reset, main kernel, postprocess.
+// Included only by the generated instantiation files.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "collective/bwd_traits.h"
+#include "kernel/flash_bwd_kernel_sm80.h"
+#include "kernel/flash_bwd_prepost.h"
+#include "launch/fwd_launch.h"
+#include "launch/run_fwd.h"
+
+namespace flash_attn2 {
+
+template <class Kernel>
+__global__ void __launch_bounds__(Kernel::kNThreads, 1) bwd_device_kernel(CUTE_GRID_CONSTANT BwdKernelParams const params) {
+  extern __shared__ __align__(128) char smem_buf[];
+  Kernel{}(params, smem_buf);
+}
+
+template <DType kDType, int kHeadDim, MaskMode kMask>
+cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
+  using Element = ElementOf<kDType>;
+  using Traits = BwdTraitsSm80<Element, kHeadDim>;
+  using Kernel = FlashBwdKernelSm80<Traits, kMask>;
+  using Rows = RowGroups<kHeadDim>;
+  if (params.accum_head_dim != kHeadDim) { return cudaErrorInvalidValue; }
+
+  if (params.lse_rows > 0) {
+    int64_t const blocks = Rows::num_blocks(params.lse_rows);
+    if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
+    bwd_preprocess_kernel<Element, kHeadDim><<<dim3(unsigned(blocks)), Rows::kThreads, 0, stream>>>(params);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) { return err; }
+    err = cudaMemsetAsync(params.dq_accum, 0,
+                          size_t(params.num_accum_slices) * size_t(params.lse_rows) * kHeadDim * sizeof(float), stream);
+    if (err != cudaSuccess) { return err; }
+  }
+
+  auto kernel = &bwd_device_kernel<Kernel>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
+  if (err != cudaSuccess) { return err; }
+  int64_t const blocks = int64_t(params.num_splits) * params.num_heads * params.batch;
+  if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
+  if (blocks > 0) {
+    kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) { return err; }
+  }
+
+  if (params.lse_rows > 0) {
+    bwd_postprocess_kernel<Element, kHeadDim>
+        <<<dim3(unsigned(Rows::num_blocks(params.lse_rows))), Rows::kThreads, 0, stream>>>(params);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
+template <DType kDType, int kHeadDim, MaskMode kMask>
+BwdKernelInfo bwd_kernel_info() {
+  using Traits = BwdTraitsSm80<ElementOf<kDType>, kHeadDim>;
+  return {Traits::kSmemBytes, Traits::kBlockN, Traits::kHeadDim};
+}
+
+}  // namespace flash_attn2
