@@ -42,17 +42,23 @@ struct FlashBwdKernelSm80 {
   template <class TensorG, class TensorA, class TensorC>
   CUTE_DEVICE static void add_dq(TensorG& gdq, TensorA const& acc, TensorC const& coords, int max_rows) {
     CUTE_STATIC_ASSERT_V(size(gdq) == size(acc));
-    bool const full = max_rows >= kBlockM;
     // Values 2j and 2j + 1 of an m16n8 accumulator are adjacent columns of one row.
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      if (full || get<0>(coords(i)) < max_rows) {
+    auto add_pair = [&](int i) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        atomicAdd(reinterpret_cast<float2*>(&gdq(i)), make_float2(acc(i), acc(i + 1)));
+      atomicAdd(reinterpret_cast<float2*>(&gdq(i)), make_float2(acc(i), acc(i + 1)));
 #else
-        atomicAdd(&gdq(i), acc(i));
-        atomicAdd(&gdq(i + 1), acc(i + 1));
+      atomicAdd(&gdq(i), acc(i));
+      atomicAdd(&gdq(i + 1), acc(i + 1));
 #endif
+    };
+    // A full tile takes a branch-free run of atomics (a per-atomic predicate compiles to a branch each).
+    if (max_rows >= kBlockM) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); i += 2) { add_pair(i); }
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); i += 2) {
+        if (get<0>(coords(i)) < max_rows) { add_pair(i); }
       }
     }
   }
