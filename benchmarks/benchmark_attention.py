@@ -8,11 +8,15 @@ matmuls of 2*N^2*d each), halved when causal; the backward pass counts 2.5x that
 Times are triton.testing.do_bench medians (CUDA events, L2 flushed between runs).
 
 Before each config is timed, our output is checked against a float64 reference on a slice (batch 0,
-two heads, the first and last query rows): a kernel that is wrong gets no speed figure.
+two heads, the first and last query rows), and for a backward pass so are our gradients (batch 0, two
+heads, the first CHECK_GRAD_SEQLEN positions: a gradient depends on every row): a kernel that is wrong
+gets no speed figure.
 
     python benchmarks/benchmark_attention.py                              # the default grid
     python benchmarks/benchmark_attention.py --hdims 128 --causal false --csv fwd.csv --plot fwd.png
+    python benchmarks/benchmark_attention.py --pass bwd --csv bwd.csv --plot bwd.png
     python benchmarks/benchmark_attention.py --memory                     # peak memory of our forward
+    python benchmarks/benchmark_attention.py --memory --pass fwd_bwd      # ... of forward + backward
 """
 
 import argparse
@@ -35,7 +39,10 @@ SDPA_BACKENDS = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # FA2's FLOP convention: the backward pass does 2.5x the forward's matmul work.
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
-CSV_FIELDS = ("backend", "pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "ms", "tflops")
+CSV_FIELDS = (
+    "backend", "pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "ms", "tflops", "deterministic"
+)
+PASS_NAMES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
 
 # The spot check: rows at both ends of the sequence (the last rows see every key under causal).
 CHECK_HEADS = 2
@@ -44,8 +51,15 @@ CHECK_ROWS_EACH_END = 256
 # same math in the input precision. The floor keeps a near-exact baseline from failing a near-exact kernel.
 CHECK_ERROR_RATIO = 2.0
 CHECK_ERROR_FLOOR = 1e-5
+# Gradients are checked on a crop of the config (batch 0, CHECK_HEADS heads, the first CHECK_GRAD_SEQLEN
+# positions), since the float64 oracle materialises the seqlen^2 scores and their gradient. As in the tests
+# (tests/test_backward_gpu.py says why) the ratio is 3, and the floor is larger: where PyTorch's gradient
+# is exact (one key: dq = dk = 0), the kernel's is within float32 rounding.
+CHECK_GRAD_SEQLEN = 4096
+CHECK_GRAD_ERROR_RATIO = 3.0
+CHECK_GRAD_ERROR_FLOOR = 1e-4
 
-MEMORY_SEQLENS = (16384, 65536, 131072)
+MEMORY_SEQLENS = {"fwd": (16384, 65536, 131072), "fwd_bwd": (32768, 65536, 131072)}
 MEMORY_BATCH, MEMORY_NHEADS, MEMORY_HDIM = 1, 16, 128
 MIB = 2**20
 
@@ -64,7 +78,12 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", default="bf16,fp16", help=f"from {', '.join(DTYPES)} (default: %(default)s)")
     parser.add_argument(
         "--pass", dest="direction", choices=tuple(PASS_FLOP_FACTOR), default="fwd",
-        help="fwd (default); bwd and fwd_bwd time the baselines, and ours once it has a CUDA backward",
+        help="fwd (default), bwd (the gradients of q, k, v for a given dout, forward not timed) or fwd_bwd; "
+        "every backend, ours included",
+    )
+    parser.add_argument(
+        "--deterministic", action="store_true",
+        help="run our backward with deterministic=True (bitwise reproducible; dq without atomic adds)",
     )
     parser.add_argument("--backends", default=",".join(BACKENDS), help="default: %(default)s")
     parser.add_argument(
@@ -78,8 +97,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--memory", action="store_true",
-        help=f"instead of timing: peak memory of our forward at seqlens {', '.join(map(str, MEMORY_SEQLENS))} "
-        f"(b={MEMORY_BATCH}, h={MEMORY_NHEADS}, d={MEMORY_HDIM}) against the size of q, k, v, o",
+        help=f"instead of timing: peak memory of our forward at seqlens {', '.join(map(str, MEMORY_SEQLENS['fwd']))} "
+        f"(b={MEMORY_BATCH}, h={MEMORY_NHEADS}, d={MEMORY_HDIM}) against the size of q, k, v, o; with --pass "
+        f"bwd or fwd_bwd, of forward + backward at seqlens {', '.join(map(str, MEMORY_SEQLENS['fwd_bwd']))} "
+        "against the size of q, k, v, o and their gradients",
     )
     args = parser.parse_args(argv)
 
@@ -138,6 +159,32 @@ def spot_check(out, q, k, v, causal):
     return passed, f"max |ours - fp64| {err:.2e}, PyTorch {str(q.dtype)[6:]} {baseline_err:.2e}: {verdict}"
 
 
+def spot_check_grads(q, k, v, causal, flash_attn2, deterministic):
+    """Our dq, dk, dv on a crop of the config (batch 0, CHECK_HEADS heads, the first CHECK_GRAD_SEQLEN
+    positions) against float64 autograd through the reference, within CHECK_ERROR_RATIO of the error of
+    PyTorch's autograd in the input precision. Returns (passed, message)."""
+    seqlen, heads = min(CHECK_GRAD_SEQLEN, q.shape[1]), min(CHECK_HEADS, q.shape[2])
+    crop = [t.detach()[:1, :seqlen, :heads].contiguous() for t in (q, k, v)]
+    grad_out = torch.randn_like(crop[0])
+    attention_ref = flash_attn2.reference.attention_ref
+
+    def grads(dtype, attention):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in crop]
+        return torch.autograd.grad(attention(*leaves), leaves, grad_out.to(dtype))
+
+    ours = grads(q.dtype, lambda *qkv: flash_attn2.flash_attn_func(*qkv, causal=causal, deterministic=deterministic))
+    oracle = grads(torch.float64, lambda *qkv: attention_ref(*qkv, causal=causal)[0])
+    same_precision = grads(q.dtype, lambda *qkv: attention_ref(*qkv, causal=causal, upcast=False)[0])
+    passed, parts = True, []
+    for name, grad, want, baseline in zip(("dq", "dk", "dv"), ours, oracle, same_precision):
+        err = (grad.double() - want).abs().max().item()
+        baseline_err = (baseline.double() - want).abs().max().item()
+        passed &= math.isfinite(err) and err <= CHECK_GRAD_ERROR_RATIO * baseline_err + CHECK_GRAD_ERROR_FLOOR
+        parts.append(f"{name} {err:.1e}/{baseline_err:.1e}")
+    verdict = "ok" if passed else f"FAILED (limit {CHECK_GRAD_ERROR_RATIO:g}x)"
+    return passed, f"grads (ours/PyTorch vs fp64, s={seqlen}): {', '.join(parts)}: {verdict}"
+
+
 def flops(batch, nheads, seqlen, hdim, causal, direction):
     forward = 4 * batch * nheads * seqlen * seqlen * hdim / (2 if causal else 1)
     return forward * PASS_FLOP_FACTOR[direction]
@@ -148,10 +195,11 @@ def make_inputs(batch, seqlen, nheads, hdim, dtype, requires_grad):
     return [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
 
 
-def forward_fn(backend, q, k, v, causal, flash_attn2):
-    """(callable running one forward of `backend`, the tensors it reads) for (b, s, h, d) inputs."""
+def forward_fn(backend, q, k, v, causal, flash_attn2, deterministic=False):
+    """(callable running one forward of `backend`, the tensors it reads) for (b, s, h, d) inputs.
+    `deterministic` selects our backward's mode (it is recorded by the forward)."""
     if backend == "ours":
-        return (lambda: flash_attn2.flash_attn_func(q, k, v, causal=causal)), (q, k, v)
+        return (lambda: flash_attn2.flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)), (q, k, v)
     # SDPA takes (b, h, s, d). Contiguous copies, so it is timed on its preferred layout.
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in (q, k, v))
     return (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)), (qt, kt, vt)
@@ -228,10 +276,13 @@ def measure_config(args, config, flash_attn2, do_bench):
         else:
             try:
                 with backend_context(backend):
-                    forward, inputs = forward_fn(backend, q, k, v, causal, flash_attn2)
+                    forward, inputs = forward_fn(backend, q, k, v, causal, flash_attn2, args.deterministic)
                     if backend == "ours":
                         with torch.no_grad():
                             passed, note = spot_check(forward(), q, k, v, causal)
+                        if passed and args.direction != "fwd":
+                            passed, grad_note = spot_check_grads(q, k, v, causal, flash_attn2, args.deterministic)
+                            note += "; " + grad_note
                         failed = int(not passed)
                     if not failed or backend != "ours":
                         ms = do_bench(timed_fn(forward, inputs, args.direction), warmup=args.warmup, rep=args.rep,
@@ -244,11 +295,12 @@ def measure_config(args, config, flash_attn2, do_bench):
         tflops = work / (ms * 1e-3) / 1e12 if math.isfinite(ms) else float("nan")
         speed = f"{ms:8.3f} ms {tflops:7.1f} TFLOP/s" if math.isfinite(ms) else f"{'-':>8}"
         print(f"   {backend:15s} {speed}  {note}".rstrip(), flush=True)
-        rows.append(dict(backend=backend, **{"pass": args.direction}, **config, ms=ms, tflops=tflops))
+        rows.append(dict(backend=backend, **{"pass": args.direction}, **config, ms=ms, tflops=tflops,
+                         deterministic=args.deterministic if backend == "ours" and args.direction != "fwd" else ""))
     return rows, failed
 
 
-def print_summary(rows, backends):
+def print_summary(rows, backends, direction):
     """Per config: every backend's TFLOP/s, then ours over each baseline."""
     baselines = [b for b in backends if b != "ours"]
     ratio_columns = baselines if "ours" in backends else []
@@ -262,7 +314,8 @@ def print_summary(rows, backends):
     )
     if ratio_columns:
         header += " | " + " ".join(f"{'/' + short[b]:>9s}" for b in ratio_columns)
-    print("\nTFLOP/s per backend" + ("; then ours / each baseline" if ratio_columns else ""))
+    ratios = "; then ours / each baseline" if ratio_columns else ""
+    print(f"\nTFLOP/s per backend, {PASS_NAMES[direction]} pass{ratios}")
     print(header)
     print("-" * len(header))
     for (dtype, hdim, causal, seqlen), speeds in by_config.items():
@@ -305,35 +358,50 @@ def plot(rows, args):
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize="small")
-    fig.suptitle(f"{torch.cuda.get_device_name()}: {args.tokens} tokens, width {args.width}")
+    mode = ", ours deterministic" if args.deterministic and args.direction != "fwd" else ""
+    fig.suptitle(f"{torch.cuda.get_device_name()}: {PASS_NAMES[args.direction]} pass{mode}, {args.tokens} tokens, "
+                 f"width {args.width}")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
     print(f"plot written to {args.plot}")
 
 
 def measure_memory(args, flash_attn2):
-    """Peak memory of one forward of ours against the size of q, k, v, o. FlashAttention keeps no
-    N^2 buffer, so the peak should be q+k+v+o plus the O(N) log-sum-exp."""
+    """Peak memory of one forward of ours against the size of q, k, v, o; with --pass bwd or fwd_bwd, of
+    one forward + backward against the size of q, k, v, o, dout and dq, dk, dv. FlashAttention keeps no
+    N^2 buffer, so the forward's peak should be q+k+v+o plus the O(N) log-sum-exp, and the backward's
+    those eight tensors plus O(N) row sums and its float32 dq accumulator (twice dq's size, more when
+    deterministic)."""
     dtype = DTYPES[args.dtypes[0]]
     causal = args.causals[0]
+    backward = args.direction != "fwd"
+    tensors = "q+k+v+o+do+dq+dk+dv" if backward else "q+k+v+o"
     rows = []
-    print(f"peak memory of our forward, {args.dtypes[0]}, {'causal' if causal else 'non-causal'}, "
-          f"b={MEMORY_BATCH} h={MEMORY_NHEADS} d={MEMORY_HDIM}")
-    print(f"{'seqlen':>7s} {'q+k+v+o MiB':>12s} {'peak MiB':>10s} {'peak/qkvo':>10s} {'beyond qkvo MiB':>16s}")
-    for seqlen in MEMORY_SEQLENS:
+    mode = f", deterministic={args.deterministic}" if backward else ""
+    print(f"peak memory of our {'forward + backward' if backward else 'forward'}, {args.dtypes[0]}, "
+          f"{'causal' if causal else 'non-causal'}{mode}, b={MEMORY_BATCH} h={MEMORY_NHEADS} d={MEMORY_HDIM}")
+    print(f"{'seqlen':>7s} {tensors + ' MiB':>{max(12, len(tensors) + 4)}s} {'peak MiB':>10s} {'peak/tensors':>12s} "
+          f"{'beyond MiB':>11s}")
+    for seqlen in MEMORY_SEQLENS["fwd_bwd" if backward else "fwd"]:
         torch.manual_seed(args.seed)
-        q, k, v = make_inputs(MEMORY_BATCH, seqlen, MEMORY_NHEADS, MEMORY_HDIM, dtype, requires_grad=False)
+        q, k, v = make_inputs(MEMORY_BATCH, seqlen, MEMORY_NHEADS, MEMORY_HDIM, dtype, requires_grad=backward)
+        grad_out = torch.randn_like(q) if backward else None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        out = flash_attn2.flash_attn_func(q, k, v, causal=causal)
+        out = flash_attn2.flash_attn_func(q, k, v, causal=causal, deterministic=args.deterministic)
+        if backward:
+            out.backward(grad_out)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        qkvo = sum(t.numel() * t.element_size() for t in (q, k, v, out))
-        print(f"{seqlen:7d} {qkvo / MIB:12.1f} {peak / MIB:10.1f} {peak / qkvo:10.3f} {(peak - qkvo) / MIB:16.1f}")
-        rows.append(dict(backend="ours", dtype=args.dtypes[0], causal=causal, seqlen=seqlen, batch=MEMORY_BATCH,
-                         nheads=MEMORY_NHEADS, hdim=MEMORY_HDIM, qkvo_mib=qkvo / MIB, peak_mib=peak / MIB))
-        del q, k, v, out
+        measured = [q, k, v, out] + ([grad_out, q.grad, k.grad, v.grad] if backward else [])
+        size = sum(t.numel() * t.element_size() for t in measured)
+        print(f"{seqlen:7d} {size / MIB:{max(12, len(tensors) + 4)}.1f} {peak / MIB:10.1f} {peak / size:12.3f} "
+              f"{(peak - size) / MIB:11.1f}")
+        rows.append(dict(backend="ours", **{"pass": "fwd_bwd" if backward else "fwd"}, dtype=args.dtypes[0],
+                         causal=causal, seqlen=seqlen, batch=MEMORY_BATCH, nheads=MEMORY_NHEADS, hdim=MEMORY_HDIM,
+                         tensors=tensors, tensors_mib=size / MIB, peak_mib=peak / MIB))
+        del q, k, v, out, grad_out, measured
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -356,7 +424,7 @@ def main(argv=None):
     from triton.testing import do_bench
 
     rows, failures = run_grid(args, flash_attn2, do_bench)
-    print_summary(rows, args.backends)
+    print_summary(rows, args.backends, args.direction)
     if args.plot:
         plot(rows, args)
     if failures:

@@ -2,7 +2,8 @@
 # Everything the GPU machine does, in one call from the repository root:
 #   1. install the carried wheels (.whl/: the nvidia-cutlass wheel; carry ".whl" with the call),
 #   2. build flash_attn2._C in place, 3. run the tests, 4. (SANITIZE=1) compute-sanitizer memcheck and
-#   racecheck on benchmarks/sanitize_fwd.py, 5. (MEMORY=1) peak memory of the forward, 6. the benchmark.
+#   racecheck on benchmarks/sanitize_fwd.py and sanitize_bwd.py, 5. (MEMORY=1) peak memory of the forward
+#   and of forward + backward, 6. the benchmark.
 # A failed build stops the run; failed tests or sanitizer runs do not stop the benchmark, but the exit
 # code is 1 when any stage failed.
 #
@@ -12,7 +13,7 @@
 #   FLASH_ATTN2_PTXAS_VERBOSE=1  ptxas register/spill report in build.log
 #   TEST_ARGS   pytest arguments (default "-q -x tests");          TESTS=0 skips the tests
 #   SANITIZE=1  run compute-sanitizer (default 0)
-#   MEMORY      1 (default) runs benchmark_attention.py --memory when head dim 128 is built
+#   MEMORY      1 (default) runs benchmark_attention.py --memory (--pass fwd, fwd_bwd) when head dim 128 is built
 #   BENCH_ARGS  benchmark arguments (default: --hdims/--dtypes of the build); BENCH=0 skips it
 #   OUT         folder for logs, CSV and PNG (default: bench_out/ in the checkout)
 set -uo pipefail
@@ -110,24 +111,29 @@ if [ "${SANITIZE:-0}" = "1" ]; then
     sanitizer="$cuda_home/bin/compute-sanitizer"
   fi
   : > "$OUT_DIR/sanitize.log"
-  for tool in memcheck racecheck; do
-    start=$SECONDS
-    echo "-- $tool" | tee -a "$OUT_DIR/sanitize.log"
-    # Without the caching allocator each tensor is its own allocation, so memcheck sees every overrun.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 3 \
-      python3 benchmarks/sanitize_fwd.py 2>&1 | tee -a "$OUT_DIR/sanitize.log" | tail -n 25
-    finish "sanitize $tool" "${PIPESTATUS[0]}" "$start"
+  for script in sanitize_fwd sanitize_bwd; do
+    for tool in memcheck racecheck; do
+      start=$SECONDS
+      echo "-- $script $tool" | tee -a "$OUT_DIR/sanitize.log"
+      # Without the caching allocator each tensor is its own allocation, so memcheck sees every overrun.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 3 \
+        python3 "benchmarks/$script.py" 2>&1 | tee -a "$OUT_DIR/sanitize.log" | tail -n 25
+      finish "sanitize ${script#sanitize_} $tool" "${PIPESTATUS[0]}" "$start"
+    done
   done
 fi
 
 echo "==== [5/6] peak memory (MEMORY=${MEMORY:-1})"
 if [ "${MEMORY:-1}" = "1" ]; then
   if [[ ",$FLASH_ATTN2_HEAD_DIMS," == *",128,"* || "$FLASH_ATTN2_HEAD_DIMS" == "all" ]]; then
-    start=$SECONDS
-    # shellcheck disable=SC2086  # one argument pair, or none
-    python3 benchmarks/benchmark_attention.py --memory $BUILT_DTYPES_ARG 2>&1 \
-      | tee "$OUT_DIR/memory.log"
-    finish "memory" "${PIPESTATUS[0]}" "$start"
+    : > "$OUT_DIR/memory.log"
+    for pass in fwd fwd_bwd; do
+      start=$SECONDS
+      # shellcheck disable=SC2086  # one argument pair, or none
+      python3 benchmarks/benchmark_attention.py --memory --pass "$pass" $BUILT_DTYPES_ARG 2>&1 \
+        | tee -a "$OUT_DIR/memory.log"
+      finish "memory $pass" "${PIPESTATUS[0]}" "$start"
+    done
   else
     echo "skipped: head dim 128 is not built"
   fi

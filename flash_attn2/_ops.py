@@ -1,10 +1,10 @@
 """The bridge to the compiled extension ``flash_attn2._C``.
 
-Importing ``_C`` registers the op ``torch.ops.flash_attn2.fwd``; the plain function
-``_C.built_kernels()`` lists the compiled kernels (it takes no tensors, so it is not an op).
+Importing ``_C`` registers the ops ``torch.ops.flash_attn2.fwd`` and ``torch.ops.flash_attn2.bwd``; the
+plain function ``_C.built_kernels()`` lists the compiled kernels (it takes no tensors, so it is not an op).
 This module remembers whether the import worked (``import flash_attn2`` must work without it, e.g.
 on CPU-only machines), reads back which kernels the build contains, registers the fake (meta)
-implementation that torch.compile and ``torch.library.opcheck`` need, and explains refusals.
+implementations that torch.compile and ``torch.library.opcheck`` need, and explains refusals.
 """
 
 import functools
@@ -23,6 +23,12 @@ else:
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 """The dtypes the kernels are built for, by the names ``built_kernels()`` uses."""
 
+DIRECTIONS = ("fwd", "bwd")
+"""The first field of a ``built_kernels()`` line: forward or backward kernel."""
+
+VECTOR_ELEMENTS = 8
+"""The kernels move rows in 16-byte vectors of 8 elements of a 16-bit dtype."""
+
 MIN_COMPUTE_CAPABILITY = (8, 0)
 """The kernels use sm80 instructions (cp.async, bf16 mma)."""
 
@@ -35,7 +41,7 @@ BUILD_HINT = (
 
 
 class KernelKey(NamedTuple):
-    """One compiled forward kernel: ``dtype`` in {"fp16", "bf16"}, ``mask`` in {"none", "causal"}."""
+    """One compiled kernel of one direction: ``dtype`` in {"fp16", "bf16"}, ``mask`` in {"none", "causal"}."""
 
     dtype: str
     head_dim: int
@@ -56,30 +62,41 @@ def _missing_extension_message() -> str:
     return f"flash_attn2: the CUDA extension flash_attn2._C is not available ({_IMPORT_ERROR}). {BUILD_HINT}"
 
 
-def parse_built_kernels(text: str) -> frozenset:
-    """Parse the lines ``fwd <dtype> <hdim> <mask>`` of ``built_kernels()`` into KernelKeys.
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"flash_attn2: direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
 
-    Lines of other directions (a later backward) are skipped; a malformed forward line is an error,
-    because a misread build would make dispatch refuse or accept the wrong calls.
+
+def parse_built_kernels(text: str, direction: str = "fwd") -> frozenset:
+    """Parse the lines ``<direction> <dtype> <hdim> <mask>`` of ``built_kernels()`` (direction ``fwd`` or
+    ``bwd``) and return the KernelKeys of ``direction``.
+
+    Every line of a known direction is checked, whichever is asked for: a malformed one is an error,
+    because a misread build would make dispatch refuse or accept the wrong calls. Lines of other
+    directions are skipped.
     """
+    _check_direction(direction)
     kernels = set()
     for line in text.splitlines():
         fields = line.split()
-        if not fields or fields[0] != "fwd":
+        if not fields or fields[0] not in DIRECTIONS:
             continue
         if len(fields) != 4 or fields[1] not in DTYPE_NAMES.values() or not fields[2].isdigit() \
                 or fields[3] not in ("none", "causal"):
             raise RuntimeError(f"flash_attn2: cannot parse built_kernels() line {line!r}")
-        kernels.add(KernelKey(fields[1], int(fields[2]), fields[3]))
+        if fields[0] == direction:
+            kernels.add(KernelKey(fields[1], int(fields[2]), fields[3]))
     return frozenset(kernels)
 
 
 @functools.cache
-def built_kernels() -> frozenset:
-    """The forward kernels this build compiled, as a frozenset of KernelKey (empty without ``_C``)."""
+def built_kernels(direction: str = "fwd") -> frozenset:
+    """The kernels this build compiled for ``direction`` (``"fwd"``, the default, or ``"bwd"``), as a
+    frozenset of KernelKey (empty without ``_C``)."""
+    _check_direction(direction)
     if _C is None:
         return frozenset()
-    return parse_built_kernels(_C.built_kernels())
+    return parse_built_kernels(_C.built_kernels(), direction)
 
 
 # Functions marked assume_constant_result are evaluated once by torch.compile at trace time (they read
@@ -136,6 +153,21 @@ def head_dim_refusal(dtype: torch.dtype, head_dim: int, causal: bool) -> str:
     )
 
 
+def kernel_ready(t):
+    """``t`` if the kernels can read it as it is, else a contiguous copy. The kernels read rows with
+    16-byte loads: the last dim contiguous, and the start and every other stride a multiple of 8
+    elements. Any strides meeting that run as they are (a stride of 0 too: a broadcast dim).
+    (Allocations themselves are aligned. torch.compile cannot trace ``storage_offset()``, an
+    int-returning call: compiled code checks the strides here and leaves a misaligned start to the
+    op, which refuses it with a clear error.)"""
+    aligned = t.stride(-1) == 1 and all(
+        stride % VECTOR_ELEMENTS == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1
+    )
+    if aligned and not torch.compiler.is_compiling():
+        aligned = t.storage_offset() % VECTOR_ELEMENTS == 0
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)
+
+
 def _lse_shape(q, varlen: bool):
     """softmax_lse is (batch, nheads, seqlen_q) dense and (nheads, total_q) for a packed batch."""
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
@@ -159,6 +191,26 @@ def fwd(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqle
                                      max_seqlen_k)
 
 
+def bwd(dout, q, k, v, out, softmax_lse, softmax_scale: float, causal: bool, deterministic: bool,
+        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """``torch.ops.flash_attn2.bwd``: the gradients ``(dq, dk, dv)`` of ``fwd``'s out, for the tensors
+    ``fwd`` got and returned and a kernel-ready ``dout`` of out's shape. dq, dk, dv are contiguous, with
+    q's, k's and v's shapes (GQA: the query heads of a kv head are summed in the op). ``deterministic``
+    makes them bitwise reproducible; otherwise dq is accumulated with atomic adds, in an order that
+    varies. Raises a RuntimeError saying how to build if ``_C`` is absent.
+
+    Without queries or without keys nothing is launched (a grid with a zero dimension is an invalid
+    launch configuration): without queries no row reads k and v, so dk and dv are zero; without keys
+    every row is the constant 0, so dq is zero.
+    """
+    if _C is None:
+        raise RuntimeError(_missing_extension_message())
+    if q.numel() == 0 or k.numel() == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    return torch.ops.flash_attn2.bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic,
+                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
 if _C is not None:
 
     @torch.library.register_fake("flash_attn2::fwd")
@@ -168,3 +220,9 @@ if _C is not None:
         out = q.new_empty(q.shape)
         lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
         return out, lse
+
+    @torch.library.register_fake("flash_attn2::bwd")
+    def _bwd_fake(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q=None,
+                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+        """Shapes of the op's outputs: dq, dk, dv like q, k, v (GQA reduced in the op), contiguous."""
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

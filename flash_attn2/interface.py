@@ -2,8 +2,8 @@
 
 The Python layer only normalises arguments: it validates shapes, dtypes and devices with messages
 that name the offending value, pads head dims to a multiple of 8, and sends CUDA tensors to the
-kernels (through ``torch.ops.flash_attn2.fwd``, which torch.compile traces without a graph break)
-and CPU tensors to ``reference.attention_cpu``. Validation reads only shapes, dtypes and devices,
+kernels (through the ops ``torch.ops.flash_attn2.fwd`` and ``bwd``, which torch.compile traces without a
+graph break) and CPU tensors to ``reference.attention_cpu``. Validation reads only shapes, dtypes and devices,
 never tensor data, so the CUDA path has no data-dependent control flow.
 """
 
@@ -17,8 +17,8 @@ from flash_attn2.reference import attention_cpu, attention_cpu_varlen
 MAX_HEAD_DIM = 256
 """The largest head dim any kernel is written for."""
 
-HEAD_DIM_MULTIPLE = 8
-"""Kernels load rows of 8 16-bit elements (16 bytes); smaller head dims are zero-padded up to it.
+HEAD_DIM_MULTIPLE = _ops.VECTOR_ELEMENTS
+"""Kernels load rows of 8 16-bit elements (16 bytes); other head dims are zero-padded up to a multiple of it.
 Zero columns add nothing to q.k and give zero output columns, which are sliced off."""
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -126,21 +126,7 @@ def _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes) -> None
         raise NotImplementedError("flash_attn2: ALiBi is not implemented yet; pass alibi_slopes=None")
 
 
-def _kernel_ready(t):
-    """The kernels read rows with 16-byte loads: the last dim contiguous, and the start and every other
-    stride a multiple of 8 elements. Any strides meeting that run as they are; others get one copy.
-    (Allocations themselves are aligned. torch.compile cannot trace ``storage_offset()``, an
-    int-returning call: compiled code checks the strides here and leaves a misaligned start to the
-    op, which refuses it with a clear error.)"""
-    aligned = t.stride(-1) == 1 and all(
-        stride % HEAD_DIM_MULTIPLE == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1
-    )
-    if aligned and not torch.compiler.is_compiling():
-        aligned = t.storage_offset() % HEAD_DIM_MULTIPLE == 0
-    return t if aligned else t.clone(memory_format=torch.contiguous_format)
-
-
-def _attention_cuda(q, k, v, softmax_scale, causal, varlen_args=(None, None, 0, 0)):
+def _attention_cuda(q, k, v, softmax_scale, causal, deterministic, varlen_args=(None, None, 0, 0)):
     refusal = _ops.cuda_refusal(q.device, q.dtype, causal)
     if refusal:
         raise RuntimeError(refusal)
@@ -153,32 +139,35 @@ def _attention_cuda(q, k, v, softmax_scale, causal, varlen_args=(None, None, 0, 
         pad = (0, padded_dim - head_dim)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     else:
-        q, k, v = (_kernel_ready(t) for t in (q, k, v))
+        q, k, v = (_ops.kernel_ready(t) for t in (q, k, v))
 
-    out, lse = FlashAttnFunction.apply(q, k, v, softmax_scale, causal, *varlen_args)
+    out, lse = FlashAttnFunction.apply(q, k, v, softmax_scale, causal, deterministic, *varlen_args)
     if padded_dim != head_dim:
         out = out[..., :head_dim]
     return out, lse
 
 
-def _attention(q, k, v, softmax_scale, causal):
-    """Validate, then run on the tensors' device. Returns ``(out, lse)``."""
+def _attention(q, k, v, softmax_scale, causal, deterministic=False):
+    """Validate, then run on the tensors' device. Returns ``(out, lse)``. ``deterministic`` selects the
+    CUDA backward's reproducible mode; the CPU path is deterministic anyway."""
     _check_inputs(q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5  # the real head dim, not the padded one
     if q.device.type == "cuda":
-        return _attention_cuda(q, k, v, softmax_scale, causal)
+        return _attention_cuda(q, k, v, softmax_scale, causal, deterministic)
     return attention_cpu(q, k, v, softmax_scale, causal)
 
 
-def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                      deterministic=False):
     """Validate a packed batch, then run on the tensors' device. Returns ``(out, lse)``, lse (nheads, total_q)."""
     _check_inputs(q, k, v, varlen=True)
     _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     if q.device.type == "cuda":
-        return _attention_cuda(q, k, v, softmax_scale, causal, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+        varlen_args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _attention_cuda(q, k, v, softmax_scale, causal, deterministic, varlen_args)
     return attention_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
 
 
@@ -208,7 +197,10 @@ def flash_attn_func(
             Query rows that see no key (``seqlen_q > seqlen_k``) output 0.
         dropout_p, window_size, softcap, alibi_slopes: accepted for signature compatibility; any
             value but the default raises NotImplementedError.
-        deterministic: accepted; the forward pass is deterministic regardless.
+        deterministic: make the CUDA backward pass bitwise reproducible. By default it accumulates dq
+            with atomic adds, whose order varies between runs (so do the last bits of dq); True
+            accumulates in a fixed order instead, at some cost in speed. The forward pass,
+            and everything on CPU, is deterministic regardless.
         return_attn_probs: also return the log-sum-exp.
 
     Returns:
@@ -219,7 +211,7 @@ def flash_attn_func(
         ``S_dmask``, is None because there is no dropout.
     """
     _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
-    out, lse = _attention(q, k, v, softmax_scale, causal)
+    out, lse = _attention(q, k, v, softmax_scale, causal, deterministic)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -307,7 +299,8 @@ def flash_attn_varlen_func(
     _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
     if block_table is not None:
         raise NotImplementedError("flash_attn2: paged KV (block_table) is not implemented yet; pass block_table=None")
-    out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                                 deterministic)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -27,7 +27,7 @@ def test_import_exposes_api_without_the_extension():
     assert flash_attn2.__version__ == "0.1.0"
     assert callable(flash_attn2.flash_attn_func) and callable(flash_attn2.reference.attention_ref)
     if not _ops.extension_available():
-        assert flash_attn2.built_kernels() == frozenset()
+        assert flash_attn2.built_kernels() == flash_attn2.built_kernels("bwd") == frozenset()
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -275,28 +275,43 @@ def test_kvpacked_rejects_wrong_packing():
 
 
 def test_parse_built_kernels():
-    text = "fwd bf16 128 causal\nfwd bf16 128 none\n\nfwd fp16 64 none\nbwd bf16 128 none\n"
+    text = "fwd bf16 128 causal\nfwd bf16 128 none\n\nfwd fp16 64 none\nbwd bf16 128 none\nbwd fp16 256 causal\n"
     assert _ops.parse_built_kernels(text) == {
         _ops.KernelKey("bf16", 128, "causal"),
         _ops.KernelKey("bf16", 128, "none"),
         _ops.KernelKey("fp16", 64, "none"),
     }
+    assert _ops.parse_built_kernels(text, "fwd") == _ops.parse_built_kernels(text)
+    assert _ops.parse_built_kernels(text, "bwd") == {
+        _ops.KernelKey("bf16", 128, "none"),
+        _ops.KernelKey("fp16", 256, "causal"),
+    }
+    assert _ops.parse_built_kernels("fwd bf16 64 none\nxyz anything at all", "bwd") == frozenset()
 
 
-@pytest.mark.parametrize("line", ["fwd bf16 128", "fwd fp32 128 none", "fwd bf16 x none", "fwd bf16 64 local"])
-def test_parse_built_kernels_rejects_malformed_line(line):
+@pytest.mark.parametrize(
+    "line", ["fwd bf16 128", "fwd fp32 128 none", "fwd bf16 x none", "fwd bf16 64 local", "bwd bf16 64", "bwd f16 64 none"]
+)
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_parse_built_kernels_rejects_malformed_line(line, direction):
+    """A malformed line of either direction is an error whichever direction is asked for."""
     with pytest.raises(RuntimeError, match="cannot parse built_kernels"):
-        _ops.parse_built_kernels(line)
+        _ops.parse_built_kernels(line, direction)
+
+
+def test_built_kernels_rejects_unknown_direction():
+    with pytest.raises(ValueError, match="direction must be one of fwd, bwd, got 'backward'"):
+        _ops.built_kernels("backward")
+    with pytest.raises(ValueError, match="direction must be one of fwd, bwd"):
+        _ops.parse_built_kernels("", "both")
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_kernel_ready_normalisation_traces_without_graph_break(dynamic):
     """The CUDA path's layout normalisation must stay traceable by torch.compile(fullgraph=True): an
     int-returning call such as Tensor.storage_offset() breaks the graph (seen on torch 2.11)."""
-    from flash_attn2.interface import _kernel_ready
-
     def normalise(t):
-        return _kernel_ready(t) + 1
+        return _ops.kernel_ready(t) + 1
 
     compiled = torch.compile(normalise, fullgraph=True, dynamic=dynamic)
     for t in (torch.randn(2, 9, 4, 16), torch.randn(2, 9, 16, 4).transpose(-1, -2)):
