@@ -1,13 +1,14 @@
 """The CUDA backward kernels against the float32 reference, over the grid of backward kernels this build
 compiled, and the backward through every entry point, layout, torch.compile, checkpointing and varlen.
 
-Pass rule (flash-attn's, with a wider margin for gradients): for each of dq, dk and dv, the max error against
-the gradient of the reference computed in float32 (``attention_ref`` and autograd on float32 copies of the
-inputs) may be at most GRAD_ERROR_RATIO times the error of PyTorch doing the same math in the input
-precision, plus GRAD_ATOL, which only matters where both are near exact (one key: dq = dk = 0 exactly in
-PyTorch, within float32 rounding in the kernel). The ratio is 3, not the forward's 2: a gradient goes
-through more roundings to 16 bits (P and dS before their matmuls, dk and dv per query head before GQA
-sums them), and with an emulation of the FA2 kernel's roundings the ratio reached 2.1 in one case of ~200.
+Pass rule (flash-attn's): for each of dq, dk and dv, the max error against the gradient of the reference
+computed in float32 (``attention_ref`` and autograd on float32 copies of the inputs) may be at most
+GRAD_ERROR_RATIO = 2 times the error of PyTorch doing the same math in the input precision, plus GRAD_ATOL,
+which only matters where both are near exact (one key: dq = dk = 0 exactly in PyTorch, within float32
+rounding in the kernel). A gradient goes through more roundings to 16 bits than the forward (P and dS
+before their matmuls, dk and dv per query head before GQA sums them); a CPU emulation of those roundings
+once reached 2.1x in ~200 cases, but the kernels themselves pass at 2x on an H100 (all head dims, both
+dtypes). If a new case needs more, the issue allows 3x with a stated reason: do not widen silently.
 Inputs are fresh ``randn``, and the allocator is filled with NaN before each backward so that any
 gradient element the kernels fail to write shows up as NaN.
 """
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.requires_cuda
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NHEADS = 8
-GRAD_ERROR_RATIO = 3.0
+GRAD_ERROR_RATIO = 2.0
 GRAD_ATOL = 1e-4
 
 SEQLENS = [(1, 1), (113, 203), (128, 128), (256, 256), (1023, 1024), (512, 256), (1, 300), (300, 1)]

@@ -1,6 +1,6 @@
 // FlashAttention-2 backward on mma.sync (sm80, and sm90 through the same code).
-// One CTA per (key block, head, batch), or per (split, head, batch) walking key blocks split, split +
-// num_splits, ... . The CTA keeps its K and V tile in shared memory and dK, dV in registers, and walks
+// One CTA per (key block, head, batch), or per (split, head, batch) walking every num_splits-th key
+// block (deterministic mode). The CTA keeps its K and V tile in shared memory and dK, dV in registers, and walks
 // the query blocks that see the key block, from the last down. Per query block it recomputes
 // P = exp(S * scale - lse) from the forward's lse (no running max, nothing N x N stored), forms
 // dS = P o (dP - rowsum(dO o O)) with dP = dO V^T, accumulates dV += P^T dO and dK += dS^T Q, and adds
@@ -175,7 +175,10 @@ struct FlashBwdKernelSm80 {
     Tensor tPsP = thr_copy_pds.partition_D(sP);
     Tensor tdSsdS = thr_copy_pds.partition_D(sdS);
 
-    for (int n_block = split; n_block < n_blocks; n_block += splits) {
+    // Round r of a split takes key block r * splits + (split, or splits - 1 - split on odd rounds): the
+    // zigzag evens out causal work (lower key blocks see more queries) across a deterministic run's splits.
+    for (int round = 0, n_block = split; n_block < n_blocks;
+         ++round, n_block = round * splits + (round % 2 == 0 ? split : splits - 1 - split)) {
       int const rows_k = binfo.seqlen_k - n_block * kBlockN;
       int const m_block_begin = mask.m_block_begin(n_block);
       int const m_block_masked_end = mask.m_block_masked_end(n_block);
