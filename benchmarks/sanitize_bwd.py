@@ -15,25 +15,11 @@ out-of-bounds access that lands inside PyTorch's cached pool is invisible to mem
 """
 
 import itertools
-import os
-import sys
 
 import torch
+from sanitize_common import BATCH, DTYPES, NHEADS, SHAPES, choose_cases, import_flash_attn2
 
-SHAPES = ((65, 65), (128, 128), (65, 128), (128, 65))  # (seqlen_q, seqlen_k)
-BATCH, NHEADS = 1, 2
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-FAMILIES = ((64, 32, 128), (96,), (256, 192))  # kernel head dims sharing one code shape; first built wins
 VARLEN_LENGTHS = ([65, 0, 1, 130], [70, 3, 0, 130])  # (q, k) per sequence: empty ones, one query, tails
-
-
-def import_flash_attn2():
-    try:
-        import flash_attn2
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import flash_attn2
-    return flash_attn2
 
 
 def make_inputs(layout, lengths, head_dim, nheads_k, dtype):
@@ -71,17 +57,8 @@ def max_grad_error(flash_attn2, grads, q, k, v, grad_out, causal, varlen_args):
 
 def main():
     flash_attn2 = import_flash_attn2()
-    kernels = sorted(flash_attn2.built_kernels("bwd"), key=lambda key: (key.head_dim, key.dtype))
-    if not kernels:
-        raise SystemExit("sanitize_bwd.py: this build has no backward kernels (is flash_attn2._C built?)")
-    dtype_name = kernels[0].dtype
+    dtype_name, built, cases = choose_cases(flash_attn2.built_kernels("bwd"), "sanitize_bwd.py")
     dtype = DTYPES[dtype_name]
-    built = {(key.dtype, key.head_dim, key.mask) for key in kernels}
-    cases = []  # (head_dim, nheads_k): per family, the kernel's own head dim with GQA, and 8 below it
-    for family in FAMILIES:
-        found = [d for d in family if any(key.head_dim == d and key.dtype == dtype_name for key in kernels)]
-        if found:
-            cases += [(found[0], 1), (found[0] - 8, NHEADS)]
     worst = 0.0
     for (head_dim, nheads_k), causal in itertools.product(cases, (False, True)):
         kernel_head_dim = min(d for (dt, d, _) in built if dt == dtype_name and d >= head_dim)

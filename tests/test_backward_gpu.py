@@ -15,6 +15,7 @@ gradient element the kernels fail to write shows up as NaN.
 
 import pytest
 import torch
+from kernel_grid import grid_or_skip, kernel_id, one_kernel_per_dtype_and_mask
 from torch.utils.checkpoint import checkpoint
 
 from flash_attn2 import (
@@ -33,6 +34,7 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NHEADS = 8
 GRAD_ERROR_RATIO = 2.0
 GRAD_ATOL = 1e-4
+NO_BWD_KERNEL = "no compiled backward kernel fits this test"
 
 SEQLENS = [(1, 1), (113, 203), (128, 128), (256, 256), (1023, 1024), (512, 256), (1, 300), (300, 1)]
 """Length 1, lengths that are not a multiple of any tile, s_q < s_k (decode) and s_q > s_k (causal rows
@@ -59,13 +61,8 @@ def _bwd_kernel_head_dim(dtype, mask, head_dim):
     return min(fits, default=0)
 
 
-def _id(kernel):
-    return f"{kernel.dtype}-d{kernel.head_dim}-{kernel.mask}"
 
 
-def _grid_or_skip(params):
-    """Parametrization that explains itself when the build (or its absence) yields no case."""
-    return params or [pytest.param(None, marks=pytest.mark.skip(reason="no compiled backward kernel fits this test"))]
 
 
 def _backward_cases():
@@ -75,20 +72,10 @@ def _backward_cases():
         for seqlen_q, seqlen_k in seqlens:
             for nheads_k in (1, NHEADS // 4, NHEADS):
                 case = (kernel, seqlen_q, seqlen_k, nheads_k)
-                cases.append(pytest.param(case, id=f"{_id(kernel)}-sq{seqlen_q}-sk{seqlen_k}-hk{nheads_k}"))
-    return _grid_or_skip(cases)
+                cases.append(pytest.param(case, id=f"{kernel_id(kernel)}-sq{seqlen_q}-sk{seqlen_k}-hk{nheads_k}"))
+    return grid_or_skip(cases, reason=NO_BWD_KERNEL)
 
 
-def _one_kernel_per_dtype_and_mask(mask=None):
-    """For layout and feature tests: per (dtype, mask), the compiled head dim closest to 128."""
-    best = {}
-    for kernel in BWD_KERNELS:
-        if mask is not None and kernel.mask != mask:
-            continue
-        key = (kernel.dtype, kernel.mask)
-        if key not in best or abs(kernel.head_dim - 128) < abs(best[key].head_dim - 128):
-            best[key] = kernel
-    return _grid_or_skip([pytest.param(k, id=_id(k)) for k in sorted(best.values())])
 
 
 def _one_kernel_per_mask():
@@ -96,7 +83,7 @@ def _one_kernel_per_mask():
     best = {}
     for kernel in sorted(BWD_KERNELS, key=lambda k: (k.dtype != "bf16", abs(k.head_dim - 128))):
         best.setdefault(kernel.mask, kernel)
-    return _grid_or_skip([pytest.param(k, id=_id(k)) for k in sorted(best.values())])
+    return grid_or_skip([pytest.param(k, id=kernel_id(k)) for k in sorted(best.values())], reason=NO_BWD_KERNEL)
 
 
 def _uncompiled_head_dim_cases():
@@ -109,7 +96,7 @@ def _uncompiled_head_dim_cases():
             kernel_head_dim = _bwd_kernel_head_dim(dtype, mask, head_dim)
             if kernel_head_dim and kernel_head_dim != head_dim:
                 cases.append(pytest.param((dtype, mask, head_dim), id=f"{dtype}-d{head_dim}-{mask}"))
-    return _grid_or_skip(cases)
+    return grid_or_skip(cases, reason=NO_BWD_KERNEL)
 
 
 # Running the backward, and the pass rule.
@@ -261,7 +248,7 @@ INPUT_LAYOUTS = ["qkv_packed", "head_dim_slice", "bhsd", "last_dim_strided", "ba
 
 
 @pytest.mark.parametrize("layout", INPUT_LAYOUTS)
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_non_contiguous_inputs(kernel, layout):
     causal = kernel.mask == "causal"
     q, k, v = _input_layouts(kernel.head_dim, TORCH_DTYPES[kernel.dtype])[layout]
@@ -291,7 +278,7 @@ def _grad_out(layout, shape, dtype):
 
 
 @pytest.mark.parametrize("layout", GRAD_OUT_LAYOUTS)
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_non_contiguous_grad_out(kernel, layout):
     """Gradients from autograd can have any strides: aligned ones reach the op as they are, others get a copy."""
     causal = kernel.mask == "causal"
@@ -310,7 +297,7 @@ def test_non_contiguous_grad_out(kernel, layout):
 # Entry points and edge cases.
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_packed_entry_points_give_the_unpacked_grads(kernel):
     """Gradients reach qkv / kv through the unbind views, bitwise those of separate q, k, v."""
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
@@ -329,7 +316,7 @@ def test_packed_entry_points_give_the_unpacked_grads(kernel):
     assert_equal_grads((dq, *dkv.unbind(2)), expected, "kvpacked")
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_kvpacked_gqa_grads_match_reference(kernel):
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
     q = torch.randn(2, 300, NHEADS, d, dtype=dtype, device="cuda", requires_grad=True)
@@ -344,7 +331,7 @@ def test_kvpacked_gqa_grads_match_reference(kernel):
 @pytest.mark.parametrize(
     "batch,seqlen_q,seqlen_k", [(2, 5, 0), (2, 0, 5), (0, 5, 5)], ids=["seqlen_k0", "seqlen_q0", "batch0"]
 )
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_length_zero(kernel, batch, seqlen_q, seqlen_k):
     """No keys: out is the constant 0, so dq is 0. No queries: nothing reads k and v, so dk and dv are 0."""
     q, k, v = make_qkv(batch, seqlen_q, seqlen_k, NHEADS, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
@@ -357,7 +344,7 @@ def test_length_zero(kernel, batch, seqlen_q, seqlen_k):
 @pytest.mark.parametrize(
     "batch,nheads", [(2**16 + 1, 1), (1, 2**16 + 1)], ids=["batch2^16+1", "nheads2^16+1"]
 )
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_grid_dimension_over_65535(kernel, batch, nheads):
     """Batch or heads past the 65535 limit of a CUDA grid's y and z dimensions (MQA: 2^16+1 query heads
     summed into one kv head)."""
@@ -371,7 +358,7 @@ def test_grid_dimension_over_65535(kernel, batch, nheads):
 # Determinism.
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_deterministic_backward_is_bitwise_reproducible(kernel):
     """Many key blocks add into each dq row (s_k ~ 1000) and 4 query heads share each kv head: with
     deterministic=True repeated runs agree bit for bit; both modes match the reference."""
@@ -419,7 +406,7 @@ def test_compiled_training_step_matches_eager(kernel, fresh_dynamo):
         assert_grads_match_reference(compiled_grads, q, k, v, grad_out, causal, softmax_scale=head_dim**-0.5)
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_activation_checkpointing_gives_the_same_grads(kernel):
     causal = kernel.mask == "causal"
     q, k, v = make_qkv(2, 257, 300, NHEADS, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
@@ -483,7 +470,7 @@ def cu_seqlens(lengths):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("nheads_k", [2, NHEADS])
 @pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_varlen_backward_matches_reference_per_sequence(kernel, lengths, nheads_k, deterministic):
     lens_q, lens_k = LENGTHS[lengths]
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
@@ -519,7 +506,7 @@ def test_varlen_backward_matches_reference_per_sequence(kernel, lengths, nheads_
             assert not grads[0][rows["dq"]].any()
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_varlen_qkvpacked_gives_the_unpacked_grads(kernel):
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
     lens = [300, 1, 77]
@@ -539,7 +526,7 @@ def test_varlen_qkvpacked_gives_the_unpacked_grads(kernel):
     assert_equal_grads(dqkv.unbind(1), expected, "varlen qkvpacked")
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_varlen_with_equal_lengths_gives_the_dense_grads(kernel):
     """Same kernels, same tiles, same order: a packed batch of equal lengths gives the dense bits."""
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim

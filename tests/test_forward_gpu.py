@@ -8,6 +8,7 @@ each call so that any output element the kernel fails to write shows up as NaN.
 
 import pytest
 import torch
+from kernel_grid import grid_or_skip, kernel_id, one_kernel_per_dtype_and_mask
 
 from flash_attn2 import _ops, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from flash_attn2.reference import attention_ref
@@ -26,13 +27,8 @@ SEQLENS_LARGE_HEAD_DIM = [(1, 1), (113, 203), (1023, 1024), (1, 2048), (2048, 1)
 """A subsample for head dims > 128, whose kernels use the same masking and tiling code at twice the cost."""
 
 
-def _id(kernel):
-    return f"{kernel.dtype}-d{kernel.head_dim}-{kernel.mask}"
 
 
-def _grid_or_skip(params):
-    """Parametrization that explains itself when the build (or its absence) yields no case."""
-    return params or [pytest.param(None, marks=pytest.mark.skip(reason="no compiled kernel fits this test"))]
 
 
 def _forward_cases():
@@ -42,20 +38,10 @@ def _forward_cases():
         for seqlen_q, seqlen_k in seqlens:
             for nheads_k in (1, 2, NHEADS):
                 case = (kernel, seqlen_q, seqlen_k, nheads_k)
-                cases.append(pytest.param(case, id=f"{_id(kernel)}-sq{seqlen_q}-sk{seqlen_k}-hk{nheads_k}"))
-    return _grid_or_skip(cases)
+                cases.append(pytest.param(case, id=f"{kernel_id(kernel)}-sq{seqlen_q}-sk{seqlen_k}-hk{nheads_k}"))
+    return grid_or_skip(cases)
 
 
-def _one_kernel_per_dtype_and_mask(mask=None):
-    """For layout tests: per (dtype, mask), the compiled head dim closest to 128."""
-    best = {}
-    for kernel in KERNELS:
-        if mask is not None and kernel.mask != mask:
-            continue
-        key = (kernel.dtype, kernel.mask)
-        if key not in best or abs(kernel.head_dim - 128) < abs(best[key].head_dim - 128):
-            best[key] = kernel
-    return _grid_or_skip([pytest.param(k, id=_id(k)) for k in sorted(best.values())])
 
 
 def _uncompiled_head_dim_cases():
@@ -67,7 +53,7 @@ def _uncompiled_head_dim_cases():
         for head_dim in (40, 72, 100, 27):
             if (head_dim + 7) // 8 * 8 <= largest:
                 cases.append(pytest.param((dtype, mask, head_dim), id=f"{dtype}-d{head_dim}-{mask}"))
-    return _grid_or_skip(cases)
+    return grid_or_skip(cases)
 
 
 def poison_outputs_of(q):
@@ -162,7 +148,7 @@ def _layouts(head_dim, dtype, seqlen_q=113, seqlen_k=203, nheads_k=2):
 
 
 @pytest.mark.parametrize("layout", ["head_dim_slice", "bhsd", "last_dim_strided", "batch_stride_0", "misaligned_start"])
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(KERNELS))
 def test_non_contiguous_inputs(kernel, layout):
     causal = kernel.mask == "causal"
     q, k, v = _layouts(kernel.head_dim, TORCH_DTYPES[kernel.dtype])[layout]
@@ -171,7 +157,7 @@ def test_non_contiguous_inputs(kernel, layout):
     assert_matches_reference(out, lse, q, k, v, causal)
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(KERNELS))
 def test_op_refuses_misaligned_tensor_instead_of_faulting(kernel):
     """The raw op (the C++ checks, below the Python layer's copy) raises on a 16-byte-misaligned start."""
     q, k, v = _layouts(kernel.head_dim, TORCH_DTYPES[kernel.dtype])["misaligned_start"]
@@ -181,7 +167,7 @@ def test_op_refuses_misaligned_tensor_instead_of_faulting(kernel):
     assert torch.isfinite(flash_attn_func(q, k, v)).all()
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(KERNELS))
 def test_packed_entry_points_equal_unpacked(kernel):
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
     qkv = torch.randn(2, 200, 3, NHEADS, d, dtype=dtype, device="cuda")
@@ -193,7 +179,7 @@ def test_packed_entry_points_equal_unpacked(kernel):
     assert torch.equal(flash_attn_kvpacked_func(q, qkv[:, :, 1:], causal=causal), expected)
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask(mask="causal"))
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(KERNELS, mask="causal"))
 @pytest.mark.parametrize(
     "seqlen_q,seqlen_k", [(512, 256), (2048, 1), (129, 64)], ids=["sq_twice_sk", "sk1", "sq_gt_sk_not_tile_multiple"]
 )
@@ -207,7 +193,7 @@ def test_causal_rows_seeing_no_key_are_exact_zero_with_inf_lse(kernel, seqlen_q,
 
 
 @pytest.mark.parametrize("seqlen_k", [1, 2048, 2**16 + 1], ids=["sk1", "sk2048", "sk2^16+1"])
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(KERNELS))
 def test_decode_one_query_mqa(kernel, seqlen_k):
     causal = kernel.mask == "causal"
     q, k, v = make_qkv(2, 1, seqlen_k, NHEADS, 1, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
@@ -218,7 +204,7 @@ def test_decode_one_query_mqa(kernel, seqlen_k):
 @pytest.mark.parametrize(
     "batch,nheads", [(2**16 + 1, 1), (1, 2**16 + 1)], ids=["batch2^16+1", "nheads2^16+1"]
 )
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(KERNELS))
 def test_grid_dimension_over_65535(kernel, batch, nheads):
     """Batch or heads past the 65535 limit of a CUDA grid's y and z dimensions."""
     causal = kernel.mask == "causal"
@@ -230,7 +216,7 @@ def test_grid_dimension_over_65535(kernel, batch, nheads):
 @pytest.mark.parametrize(
     "batch,seqlen_q,seqlen_k", [(2, 5, 0), (2, 0, 5), (0, 5, 5)], ids=["seqlen_k0", "seqlen_q0", "batch0"]
 )
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(KERNELS))
 def test_length_zero(kernel, batch, seqlen_q, seqlen_k):
     """seqlen_k = 0: every row sees no key (out 0, lse +inf); an empty output launches nothing."""
     causal = kernel.mask == "causal"
@@ -240,7 +226,7 @@ def test_length_zero(kernel, batch, seqlen_q, seqlen_k):
     assert torch.equal(out, torch.zeros_like(out)) and torch.isposinf(lse).all()
 
 
-@pytest.mark.parametrize("kernel", _one_kernel_per_dtype_and_mask())
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(KERNELS))
 def test_forward_is_deterministic(kernel):
     q, k, v = make_qkv(2, 1000, 1000, NHEADS, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
     causal = kernel.mask == "causal"

@@ -4,59 +4,20 @@
 // deterministic mode is run twice and compared byte for byte. Exits 0 on success, 1 on a wrong result,
 // 77 (CTest: skipped) without a GPU.
 #include <cmath>
-#include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <string>
 #include <vector>
 
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
-#include "flash_attn2/flash_attn2.h"
+#include "example_common.h"
 
 namespace {
 
-constexpr int kSkipped = 77;
-
-#define CHECK_CUDA(expr)                                                        \
-  do {                                                                          \
-    cudaError_t err_ = (expr);                                                  \
-    if (err_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, cudaGetErrorString(err_)); \
-      std::exit(1);                                                             \
-    }                                                                           \
-  } while (0)
+using namespace example;
 
 struct Case {
   int batch = 2, seqlen_q = 100, seqlen_k = 150, heads = 4, heads_k = 2, head_dim = 0;
   bool causal = false;
 };
-
-std::vector<__nv_bfloat16> random_bf16(size_t n, uint64_t seed) {
-  std::vector<__nv_bfloat16> out(n);
-  uint64_t state = seed * 6364136223846793005ull + 1442695040888963407ull;
-  for (size_t i = 0; i < n; ++i) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    out[i] = __float2bfloat16(4.f * (float(state >> 40) / float(1ull << 24)) - 2.f);  // [-2, 2)
-  }
-  return out;
-}
-
-template <class T>
-T* device_copy(std::vector<T> const& host) {
-  T* ptr = nullptr;
-  CHECK_CUDA(cudaMalloc(&ptr, host.size() * sizeof(T)));
-  CHECK_CUDA(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return ptr;
-}
-
-template <class T>
-std::vector<T> host_copy(void const* dev, size_t n) {
-  std::vector<T> host(n);
-  CHECK_CUDA(cudaMemcpy(host.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return host;
-}
 
 double to_double(__nv_bfloat16 x) { return double(__bfloat162float(x)); }
 
@@ -82,7 +43,7 @@ bool run_case(Case const& c) {
   auto const dout = random_bf16(q_elems, 14);
 
   flash_attn2::BwdParams p;
-  p.q = device_copy(q), p.k = device_copy(k), p.v = device_copy(v), p.dout = device_copy(dout);
+  p.q = to_device(q), p.k = to_device(k), p.v = to_device(v), p.dout = to_device(dout);
   void *out = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr, *workspace = nullptr;
   float* lse = nullptr;
   CHECK_CUDA(cudaMalloc(&out, q_elems * 2));
@@ -172,9 +133,9 @@ bool run_case(Case const& c) {
     }
     CHECK_CUDA(cudaDeviceSynchronize());
     CHECK_CUDA(cudaFree(workspace));
-    auto const got_dq16 = host_copy<__nv_bfloat16>(dq, q_elems);
-    auto const got_dk16 = host_copy<__nv_bfloat16>(dk, kv_per_q_head);
-    auto const got_dv16 = host_copy<__nv_bfloat16>(dv, kv_per_q_head);
+    auto const got_dq16 = to_host<__nv_bfloat16>(dq, q_elems);
+    auto const got_dk16 = to_host<__nv_bfloat16>(dk, kv_per_q_head);
+    auto const got_dv16 = to_host<__nv_bfloat16>(dv, kv_per_q_head);
     std::vector<double> got_dq(q_elems), got_dk(kv_elems, 0.0), got_dv(kv_elems, 0.0);
     for (size_t i = 0; i < q_elems; ++i) { got_dq[i] = to_double(got_dq16[i]); }
     // The caller's half of GQA: sum each group of query heads into its kv head.
@@ -219,31 +180,16 @@ bool run_case(Case const& c) {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+  if (!has_device()) {
     std::printf("bwd_example: no CUDA device; skipped\n");
     return kSkipped;
   }
-  // The bf16 backward kernels of the smallest compiled head dim, one case per mask.
-  std::string const built = flash_attn2::built_kernels();
-  int smallest = 1 << 30;
   std::vector<Case> cases;
-  for (size_t start = 0, end; start < built.size(); start = end + 1) {
-    end = built.find('\n', start);
-    if (end == std::string::npos) { end = built.size(); }
-    char direction[8], dtype[8], mask[8];
-    int head_dim = 0;
-    if (std::sscanf(built.substr(start, end - start).c_str(), "%7s %7s %d %7s", direction, dtype, &head_dim, mask) != 4) {
-      continue;
-    }
-    if (std::strcmp(direction, "bwd") == 0 && std::strcmp(dtype, "bf16") == 0 && head_dim <= smallest) {
-      if (head_dim < smallest) { cases.clear(); }
-      smallest = head_dim;
-      Case c;
-      c.head_dim = head_dim;
-      c.causal = std::strcmp(mask, "causal") == 0;
-      cases.push_back(c);
-    }
+  for (auto const& [head_dim, causal] : smallest_bf16_kernels("bwd")) {
+    Case c;
+    c.head_dim = head_dim;
+    c.causal = causal;
+    cases.push_back(c);
   }
   if (cases.empty()) {
     std::fprintf(stderr, "bwd_example: this build has no bf16 backward kernel\n");

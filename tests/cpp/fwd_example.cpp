@@ -8,54 +8,21 @@
 // case.txt with the shape) so tests/test_cpp_library_gpu.py can check that the Python op gives the
 // same bits on the same inputs.
 #include <cmath>
-#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
 
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
-#include "flash_attn2/flash_attn2.h"
+#include "example_common.h"
 
 namespace {
 
-constexpr int kSkipped = 77;
-
-#define CHECK_CUDA(expr)                                                                    \
-  do {                                                                                      \
-    cudaError_t err_ = (expr);                                                              \
-    if (err_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, cudaGetErrorString(err_));             \
-      std::exit(1);                                                                         \
-    }                                                                                       \
-  } while (0)
+using namespace example;
 
 struct Case {
   int batch = 2, seqlen_q = 200, seqlen_k = 333, heads = 4, heads_k = 2, head_dim = 0;
   bool causal = false;
 };
-
-// Deterministic inputs: a 64-bit LCG mapped to [-2, 2), rounded to bf16.
-std::vector<__nv_bfloat16> random_bf16(size_t n, uint64_t seed) {
-  std::vector<__nv_bfloat16> out(n);
-  uint64_t state = seed * 6364136223846793005ull + 1442695040888963407ull;
-  for (size_t i = 0; i < n; ++i) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    float const u = float(state >> 40) / float(1ull << 24);  // [0, 1)
-    out[i] = __float2bfloat16(4.f * u - 2.f);
-  }
-  return out;
-}
-
-template <class T>
-T* to_device(std::vector<T> const& host) {
-  T* ptr = nullptr;
-  CHECK_CUDA(cudaMalloc(&ptr, host.size() * sizeof(T)));
-  CHECK_CUDA(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return ptr;
-}
 
 // stdio rather than iostreams: see csrc/common/strings.h.
 template <class T>
@@ -176,30 +143,16 @@ bool run_case(Case const& c, char const* dump_dir) {
 
 int main(int argc, char** argv) {
   char const* dump_dir = (argc == 3 && std::strcmp(argv[1], "--dump") == 0) ? argv[2] : nullptr;
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+  if (!has_device()) {
     std::printf("fwd_example: no CUDA device; skipped\n");
     return kSkipped;
   }
-  // The bf16 kernels of the smallest compiled head dim, one case per mask.
-  std::string const built = flash_attn2::built_kernels();
-  int smallest = 1 << 30;
   std::vector<Case> cases;
-  for (size_t start = 0, end; start < built.size(); start = end + 1) {
-    end = built.find('\n', start);
-    if (end == std::string::npos) { end = built.size(); }
-    char direction[8], dtype[8], mask[8];
-    int head_dim = 0;
-    std::string const line = built.substr(start, end - start);
-    if (std::sscanf(line.c_str(), "%7s %7s %d %7s", direction, dtype, &head_dim, mask) != 4) { continue; }
-    if (std::strcmp(direction, "fwd") == 0 && std::strcmp(dtype, "bf16") == 0 && head_dim <= smallest) {
-      if (head_dim < smallest) { cases.clear(); }
-      smallest = head_dim;
-      Case c;
-      c.head_dim = head_dim;
-      c.causal = std::strcmp(mask, "causal") == 0;
-      cases.push_back(c);
-    }
+  for (auto const& [head_dim, causal] : smallest_bf16_kernels("fwd")) {
+    Case c;
+    c.head_dim = head_dim;
+    c.causal = causal;
+    cases.push_back(c);
   }
   if (cases.empty()) {
     std::fprintf(stderr, "fwd_example: this build has no bf16 forward kernel\n");
