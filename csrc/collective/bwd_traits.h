@@ -42,46 +42,29 @@ struct BwdTraitsSm80 {
   static_assert(kBlockN % (16 * kTile.warps_n_dkv) == 0 && kHeadDim % (16 * (kNWarps / kTile.warps_n_dkv)) == 0);
   static_assert(kBlockM % (16 * kTile.warps_m_dq) == 0 && kHeadDim % (16 * (kNWarps / kTile.warps_m_dq)) == 0);
 
-  // (rows, kHeadDim) tiles of Q, dO, K, V: the forward's swizzled rows.
-  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
-  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
-  using SmemLayoutAtom = decltype(composition(
-      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // (rows, kHeadDim) tiles of Q, dO, K, V, as in the forward.
+  using SmemLayoutQ = Sm80SmemTile<kBlockM, kHeadDim>;
+  using SmemLayoutKV = Sm80SmemTile<kBlockN, kHeadDim>;
   // Transposed views, the B operands whose reduction runs along the rows: Q^T and dO^T (d, kBlockM) for
-  // dK and dV, K^T (d, kBlockN) for dQ. Read with transposing ldmatrix; fragments from the unswizzled part.
-  using SmemLayoutQt = decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
+  // dK and dV, K^T (d, kBlockN) for dQ.
+  using SmemLayoutQt = Sm80Transposed<SmemLayoutQ, kBlockM, kHeadDim>;
   using SmemLayoutQtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutQt{}));
-  using SmemLayoutKt = decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutKt = Sm80Transposed<SmemLayoutKV, kBlockN, kHeadDim>;
   using SmemLayoutKtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutKt{}));
-
   // P and dS (kBlockM, kBlockN), and their transposes (kBlockN, kBlockM), the A operands of dV and dK.
-  static constexpr int kBlockNSmem = kBlockN % 64 == 0 ? 64 : 32;
-  using SmemLayoutAtomPdS = decltype(composition(
-      Swizzle<kBlockNSmem == 32 ? 2 : 3, 3, 3>{}, Layout<Shape<_8, Int<kBlockNSmem>>, Stride<Int<kBlockNSmem>, _1>>{}));
-  using SmemLayoutPdS = decltype(tile_to_shape(SmemLayoutAtomPdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  using SmemLayoutPdSt = decltype(composition(SmemLayoutPdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutPdS = Sm80SmemTile<kBlockM, kBlockN>;
+  using SmemLayoutPdSt = Sm80Transposed<SmemLayoutPdS, kBlockM, kBlockN>;
   using SmemLayoutPdStNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutPdSt{}));
 
   using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
   using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
   using SmemCopyAtomStore = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>;  // accumulator pairs
-  using SmemCopyAtomdKV = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>;
 
-  // Global <-> shared: 16-byte accesses, kGmemThreadsPerRow threads per swizzle-atom row.
-  static constexpr int kGmemElemsPerLoad = sizeof(cute::uint128_t) / sizeof(Element);
-  static constexpr int kGmemThreadsPerRow = kBlockKSmem / kGmemElemsPerLoad;
-  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
-                                Stride<Int<kGmemThreadsPerRow>, _1>>;
-  using GmemTiledCopyLoad = decltype(make_tiled_copy(
-      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
-      Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
-  using GmemTiledCopyStore = decltype(make_tiled_copy(
-      Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
-      Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
-  static_assert(kBlockM % (kNThreads / kGmemThreadsPerRow) == 0, "the Q copy must tile block_m");
-  static_assert(kBlockN % (kNThreads / kGmemThreadsPerRow) == 0, "the K/V copy must tile block_n");
+  using GmemCopy = Sm80GmemCopy<Element, kHeadDim, kNThreads>;
+  using GmemTiledCopyLoad = typename GmemCopy::Load;
+  using GmemTiledCopyStore = typename GmemCopy::Store;
+  static_assert(kBlockM % GmemCopy::kRowsPerPass == 0, "the Q copy must tile block_m");
+  static_assert(kBlockN % GmemCopy::kRowsPerPass == 0, "the K/V copy must tile block_n");
 
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ> * kStages> q;

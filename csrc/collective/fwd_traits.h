@@ -6,6 +6,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "collective/sm80_layouts.h"
 #include "common/tile_config.h"
 
 namespace flash_attn2 {
@@ -39,17 +40,10 @@ struct FwdTraitsSm80 {
   static_assert(kBlockN % 16 == 0, "block_n must be a multiple of the 16-wide MMA N tile");
   static_assert(kHeadDim % 32 == 0, "head dim kernels are multiples of 32");
 
-  // Shared-memory rows are 64 (or 32) elements wide swizzle atoms: 8 rows x 128 B (64 B) so that the
-  // 8 row addresses of one ldmatrix phase fall in different banks.
-  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
-  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
-  using SmemLayoutAtom = decltype(composition(
-      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  // V viewed as (head_dim, block_n): the B operand of O += P V, read with transposing ldmatrix.
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutQ = Sm80SmemTile<kBlockM, kHeadDim>;
+  using SmemLayoutKV = Sm80SmemTile<kBlockN, kHeadDim>;
+  // V viewed as (head_dim, block_n): the B operand of O += P V.
+  using SmemLayoutVt = Sm80Transposed<SmemLayoutKV, kBlockN, kHeadDim>;
   using SmemLayoutVtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutVt{}));
   // The output tile is staged through Q's buffer: Q is dead once the last S = Q K^T is done.
   using SmemLayoutO = SmemLayoutQ;
@@ -58,22 +52,11 @@ struct FwdTraitsSm80 {
   using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
   using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
 
-  // Global <-> shared: 16-byte accesses, kGmemThreadsPerRow threads cover one swizzle-atom row.
-  static constexpr int kGmemElemsPerLoad = sizeof(cute::uint128_t) / sizeof(Element);
-  static_assert(kHeadDim % kGmemElemsPerLoad == 0, "head dim must be a multiple of 8");
-  static constexpr int kGmemThreadsPerRow = kBlockKSmem / kGmemElemsPerLoad;
-  static_assert(kNThreads % kGmemThreadsPerRow == 0, "threads must tile a row");
-  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
-                                Stride<Int<kGmemThreadsPerRow>, _1>>;
-  // CACHEGLOBAL: K and V tiles are re-read by the other M blocks of the head, so keep them in L2, not L1.
-  using GmemTiledCopyQKV = decltype(make_tiled_copy(
-      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
-      Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
-  using GmemTiledCopyO = decltype(make_tiled_copy(
-      Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
-      Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
-  static_assert(kBlockM % (kNThreads / kGmemThreadsPerRow) == 0, "the Q copy must tile block_m");
-  static_assert(kBlockN % (kNThreads / kGmemThreadsPerRow) == 0, "the K/V copy must tile block_n");
+  using GmemCopy = Sm80GmemCopy<Element, kHeadDim, kNThreads>;
+  using GmemTiledCopyQKV = typename GmemCopy::Load;
+  using GmemTiledCopyO = typename GmemCopy::Store;
+  static_assert(kBlockM % GmemCopy::kRowsPerPass == 0, "the Q copy must tile block_m");
+  static_assert(kBlockN % GmemCopy::kRowsPerPass == 0, "the K/V copy must tile block_n");
 
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;   // also holds O in the epilogue
