@@ -6,6 +6,10 @@
 //   flash_attn2::Status s = flash_attn2::fwd(p, stream);
 //   if (!s.ok()) { std::fprintf(stderr, "%s\n", s.message.c_str()); }
 //
+//   flash_attn2::BwdParams b;            // the forward's fields + dout, dq, dk, dv, deterministic
+//   ... fill b; b.workspace = a buffer of bwd_workspace_bytes(b) bytes ...
+//   s = flash_attn2::bwd(b, stream);     // under GQA, sum dk/dv over each group of query heads
+//
 // Errors come back as a Status with a message; the library never exits the process.
 #pragma once
 
