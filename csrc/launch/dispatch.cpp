@@ -49,18 +49,31 @@ char const* mask_name(MaskMode m) { return m == MaskMode::kCausal ? "causal" : "
 
 constexpr int kMaxHeadDim = 256;
 
+// A head dim runs on the smallest built kernel of its (dtype, mask) whose head dim is >= it.
+template <class Kernel, size_t N>
+Kernel const* smallest_fitting(Kernel const (&table)[N], FwdParams const& p) {
+  Kernel const* best = nullptr;
+  for (Kernel const& k : table) {
+    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.head_dim < p.head_dim) { continue; }
+    if (best == nullptr || k.head_dim < best->head_dim) { best = &k; }
+  }
+  return best;
+}
+
+template <class Kernel, size_t N>
+void list_kernels(std::string& lines, char const* direction, Kernel const (&table)[N]) {
+  for (Kernel const& k : table) {
+    if (k.run == nullptr) { continue; }
+    lines += str_cat(direction, " ", dtype_name(k.dtype), " ", k.head_dim, " ", mask_name(k.mask), "\n");
+  }
+}
+
 }  // namespace
 
 std::string built_kernels() {
   std::string lines;
-  for (FwdKernel const& k : kFwdKernels) {
-    if (k.run == nullptr) { continue; }
-    lines += str_cat("fwd ", dtype_name(k.dtype), " ", k.head_dim, " ", mask_name(k.mask), "\n");
-  }
-  for (BwdKernel const& k : kBwdKernels) {
-    if (k.run == nullptr) { continue; }
-    lines += str_cat("bwd ", dtype_name(k.dtype), " ", k.head_dim, " ", mask_name(k.mask), "\n");
-  }
+  list_kernels(lines, "fwd", kFwdKernels);
+  list_kernels(lines, "bwd", kBwdKernels);
   return lines;
 }
 
@@ -124,11 +137,7 @@ Status check_params(FwdParams const& p, BwdParams const* bwd) {
 
 Status fwd(FwdParams const& p, cudaStream_t stream) {
   if (Status const checked = check_params(p, nullptr); !checked.ok()) { return checked; }
-  FwdKernel const* best = nullptr;
-  for (FwdKernel const& k : kFwdKernels) {
-    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.head_dim < p.head_dim) { continue; }
-    if (best == nullptr || k.head_dim < best->head_dim) { best = &k; }
-  }
+  FwdKernel const* best = smallest_fitting(kFwdKernels, p);
   if (best == nullptr) {
     return {str_cat("flash_attn2: no forward kernel was built for dtype ", dtype_name(p.dtype), ", head dim ", p.head_dim, ", mask ", mask_name(p.mask), ". Built:\n", built_kernels(), "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).")};
   }
@@ -155,11 +164,7 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
 namespace {
 
 BwdKernel const* find_bwd(BwdParams const& p, Status& status) {
-  BwdKernel const* best = nullptr;
-  for (BwdKernel const& k : kBwdKernels) {
-    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.head_dim < p.head_dim) { continue; }
-    if (best == nullptr || k.head_dim < best->head_dim) { best = &k; }
-  }
+  BwdKernel const* best = smallest_fitting(kBwdKernels, p);
   if (best == nullptr) {
     status = {str_cat("flash_attn2: no backward kernel was built for dtype ", dtype_name(p.dtype), ", head dim ",
                       p.head_dim, ", mask ", mask_name(p.mask), ". Built:\n", built_kernels(),
