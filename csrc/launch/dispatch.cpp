@@ -68,6 +68,35 @@ void list_kernels(std::string& lines, char const* direction, Kernel const (&tabl
   }
 }
 
+// The current device's value of attr.
+Status device_attribute(cudaDeviceAttr attr, int& value) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) { err = cudaDeviceGetAttribute(&value, attr, device); }
+  if (err != cudaSuccess) { return {str_cat("flash_attn2: ", cudaGetErrorString(err))}; }
+  return {};
+}
+
+// Whether a kernel's shared memory fits the current device's opt-in limit per block.
+Status check_smem(char const* direction, int head_dim, int smem_bytes) {
+  int smem_optin = 0;
+  if (Status const queried = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, smem_optin); !queried.ok()) {
+    return queried;
+  }
+  if (smem_bytes > smem_optin) {
+    return {str_cat("flash_attn2: the head dim ", head_dim, " ", direction, " kernel needs ", smem_bytes,
+                    " bytes of shared memory per block; this GPU offers ", smem_optin)};
+  }
+  return {};
+}
+
+// Why no kernel of `direction` serves p; built_kernels() is declared in flash_attn2.h.
+std::string missing_kernel_message(char const* direction, FwdParams const& p) {
+  return str_cat("flash_attn2: no ", direction, " kernel was built for dtype ", dtype_name(p.dtype), ", head dim ",
+                 p.head_dim, ", mask ", mask_name(p.mask), ". Built:\n", built_kernels(),
+                 "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).");
+}
+
 }  // namespace
 
 std::string built_kernels() {
@@ -138,23 +167,10 @@ Status check_params(FwdParams const& p, BwdParams const* bwd) {
 Status fwd(FwdParams const& p, cudaStream_t stream) {
   if (Status const checked = check_params(p, nullptr); !checked.ok()) { return checked; }
   FwdKernel const* best = smallest_fitting(kFwdKernels, p);
-  if (best == nullptr) {
-    return {str_cat("flash_attn2: no forward kernel was built for dtype ", dtype_name(p.dtype), ", head dim ", p.head_dim, ", mask ", mask_name(p.mask), ". Built:\n", built_kernels(), "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).")};
-  }
+  if (best == nullptr) { return {missing_kernel_message("forward", p)}; }
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) { return {}; }
-
-  int device = 0;
-  int smem_optin = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) {
-    status = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
-  if (status != cudaSuccess) { return {str_cat("flash_attn2: ", cudaGetErrorString(status))}; }
-  int const smem = best->smem_bytes();
-  if (smem > smem_optin) {
-    return {str_cat("flash_attn2: the head dim ", best->head_dim, " kernel needs ", smem, " bytes of shared memory per block; this GPU offers ", smem_optin)};
-  }
-  status = best->run(p, stream);
+  if (Status const fits = check_smem("forward", best->head_dim, best->smem_bytes()); !fits.ok()) { return fits; }
+  cudaError_t const status = best->run(p, stream);
   if (status != cudaSuccess) {
     return {str_cat("flash_attn2: forward kernel launch failed: ", cudaGetErrorString(status))};
   }
@@ -162,16 +178,6 @@ Status fwd(FwdParams const& p, cudaStream_t stream) {
 }
 
 namespace {
-
-BwdKernel const* find_bwd(BwdParams const& p, Status& status) {
-  BwdKernel const* best = smallest_fitting(kBwdKernels, p);
-  if (best == nullptr) {
-    status = {str_cat("flash_attn2: no backward kernel was built for dtype ", dtype_name(p.dtype), ", head dim ",
-                      p.head_dim, ", mask ", mask_name(p.mask), ". Built:\n", built_kernels(),
-                      "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).")};
-  }
-  return best;
-}
 
 int64_t lse_rows(FwdParams const& p) {
   return int64_t(p.num_heads) * (p.cu_seqlens_q != nullptr ? p.total_q : int64_t(p.batch) * p.seqlen_q);
@@ -201,6 +207,7 @@ int choose_splits(BwdParams const& p, int block_n, int num_sms) {
 
 struct BwdPlan {
   BwdKernel const* kernel = nullptr;
+  BwdKernelInfo info = {};
   int num_splits = 0;
   int num_accum_slices = 0;
   size_t dsum_bytes = 0;
@@ -212,15 +219,14 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   if ((int64_t(p.seqlen_k) + 15) / 16 * p.num_heads * p.batch > INT32_MAX) {
     return {str_cat("flash_attn2: batch * num_heads * seqlen_k is too large for one launch")};
   }
-  Status status;
-  plan.kernel = find_bwd(p, status);
-  if (plan.kernel == nullptr) { return status; }
-  int device = 0;
+  plan.kernel = smallest_fitting(kBwdKernels, p);
+  if (plan.kernel == nullptr) { return {missing_kernel_message("backward", p)}; }
   int num_sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) { err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device); }
-  if (err != cudaSuccess) { return {str_cat("flash_attn2: ", cudaGetErrorString(err))}; }
-  BwdKernelInfo const info = plan.kernel->info();
+  if (Status const queried = device_attribute(cudaDevAttrMultiProcessorCount, num_sms); !queried.ok()) {
+    return queried;
+  }
+  plan.info = plan.kernel->info();
+  BwdKernelInfo const& info = plan.info;
   plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1));
   plan.num_accum_slices = p.deterministic ? std::max(plan.num_splits, 1) : 1;
   int64_t const rows = lse_rows(p);
@@ -249,18 +255,7 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
                     " bytes, aligned to ", kWorkspaceAlign)};
   }
 
-  int device = 0;
-  int smem_optin = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) {
-    status = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
-  if (status != cudaSuccess) { return {str_cat("flash_attn2: ", cudaGetErrorString(status))}; }
-  BwdKernelInfo const info = plan.kernel->info();
-  if (info.smem_bytes > smem_optin) {
-    return {str_cat("flash_attn2: the head dim ", info.head_dim, " backward kernel needs ", info.smem_bytes,
-                    " bytes of shared memory per block; this GPU offers ", smem_optin)};
-  }
+  if (Status const fits = check_smem("backward", plan.info.head_dim, plan.info.smem_bytes); !fits.ok()) { return fits; }
 
   BwdKernelParams kp;
   static_cast<BwdParams&>(kp) = p;
@@ -268,10 +263,10 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
   kp.dsum = reinterpret_cast<float*>(workspace);
   kp.dq_accum = reinterpret_cast<float*>(workspace + plan.dsum_bytes);
   kp.lse_rows = lse_rows(p);
-  kp.accum_head_dim = info.head_dim;
+  kp.accum_head_dim = plan.info.head_dim;
   kp.num_splits = plan.num_splits;
   kp.num_accum_slices = plan.num_accum_slices;
-  status = plan.kernel->run(kp, stream);
+  cudaError_t const status = plan.kernel->run(kp, stream);
   if (status != cudaSuccess) {
     return {str_cat("flash_attn2: backward kernel launch failed: ", cudaGetErrorString(status))};
   }
