@@ -10,15 +10,9 @@
 #include "kernel/flash_bwd_kernel_sm80.h"
 #include "kernel/flash_bwd_prepost.h"
 #include "launch/fwd_launch.h"
-#include "launch/run_fwd.h"
+#include "launch/launch_common.h"
 
 namespace flash_attn2 {
-
-template <class Kernel>
-__global__ void __launch_bounds__(Kernel::kNThreads, 1) bwd_device_kernel(CUTE_GRID_CONSTANT BwdKernelParams const params) {
-  extern __shared__ __align__(128) char smem_buf[];
-  Kernel{}(params, smem_buf);
-}
 
 template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
@@ -39,7 +33,7 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     if (err != cudaSuccess) { return err; }
   }
 
-  auto kernel = &bwd_device_kernel<Kernel>;
+  auto kernel = &device_kernel<Kernel, BwdKernelParams>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   if (err != cudaSuccess) { return err; }
   int64_t const blocks = int64_t(params.num_splits) * params.num_heads * params.batch;

@@ -4,28 +4,19 @@
 #include <cstdint>
 
 #include <cuda_runtime.h>
-#include <cutlass/numeric_types.h>
 
 #include "collective/fwd_traits.h"
 #include "kernel/flash_fwd_kernel_sm80.h"
 #include "launch/fwd_launch.h"
+#include "launch/launch_common.h"
 
 namespace flash_attn2 {
-
-template <DType kDType>
-using ElementOf = std::conditional_t<kDType == DType::kFp16, cutlass::half_t, cutlass::bfloat16_t>;
-
-template <class Kernel>
-__global__ void __launch_bounds__(Kernel::kNThreads, 1) fwd_device_kernel(CUTE_GRID_CONSTANT FwdParams const params) {
-  extern __shared__ __align__(128) char smem_buf[];
-  Kernel{}(params, smem_buf);
-}
 
 template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream) {
   using Traits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask>;
   using Kernel = FlashFwdKernelSm80<Traits, kMask>;
-  auto kernel = &fwd_device_kernel<Kernel>;
+  auto kernel = &device_kernel<Kernel, FwdParams>;
   constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
   if constexpr (Kernel::kSmemBytes > kDefaultSmemLimit) {
     cudaError_t err =
