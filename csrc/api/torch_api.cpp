@@ -47,6 +47,12 @@ void check_cu_seqlens(at::Tensor const& cu, char const* name, at::Tensor const& 
                                                batch + 1, " (batch + 1)"));
 }
 
+// Sets the batch, row and head strides of a (batch, seqlen, heads, d) or packed (total, heads, d) tensor,
+// counted from the last dim so both layouts read alike; no batch stride when packed.
+void set_strides(at::Tensor const& t, bool varlen, int64_t& batch, int64_t& row, int64_t& head) {
+  batch = varlen ? 0 : t.stride(0), row = t.stride(-3), head = t.stride(-2);
+}
+
 // Checks q, k, v (and the varlen vectors) and fills the size, stride, dtype and mask fields of p that
 // the forward and the backward share; out and softmax_lse are filled by the caller.
 void fill_problem(FwdParams& p, at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, double softmax_scale,
@@ -80,10 +86,9 @@ void fill_problem(FwdParams& p, at::Tensor const& q, at::Tensor const& k, at::Te
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  // Strides counted from the last dim, so the dense and packed layouts read alike; no batch stride when packed.
-  p.q_batch_stride = varlen ? 0 : q.stride(0), p.q_row_stride = q.stride(-3), p.q_head_stride = q.stride(-2);
-  p.k_batch_stride = varlen ? 0 : k.stride(0), p.k_row_stride = k.stride(-3), p.k_head_stride = k.stride(-2);
-  p.v_batch_stride = varlen ? 0 : v.stride(0), p.v_row_stride = v.stride(-3), p.v_head_stride = v.stride(-2);
+  set_strides(q, varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  set_strides(k, varlen, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  set_strides(v, varlen, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
   if (varlen) {
     p.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k->data_ptr<int>();
@@ -100,18 +105,10 @@ void fill_problem(FwdParams& p, at::Tensor const& q, at::Tensor const& k, at::Te
   p.mask = causal ? MaskMode::kCausal : MaskMode::kNone;
 }
 
-// Batch, row and head strides of a (batch, seqlen, heads, d) or packed (total, heads, d) tensor.
-struct Strides {
-  int64_t batch, row, head;
-};
-Strides strides_of(at::Tensor const& t, bool varlen) {
-  return {varlen ? 0 : t.stride(0), t.stride(-3), t.stride(-2)};
-}
-
-at::Tensor lse_like(FwdParams const& p, at::Tensor const& q) {
-  bool const varlen = p.cu_seqlens_q != nullptr;
-  return varlen ? at::empty({p.num_heads, q.size(0)}, q.options().dtype(at::kFloat))
-                : at::empty({p.batch, p.num_heads, p.seqlen_q}, q.options().dtype(at::kFloat));
+// softmax_lse's shape: (batch, heads, seqlen_q), or (heads, total_q) for a packed batch.
+std::vector<int64_t> lse_shape(FwdParams const& p, at::Tensor const& q) {
+  return p.cu_seqlens_q != nullptr ? std::vector<int64_t>{p.num_heads, q.size(0)}
+                                   : std::vector<int64_t>{p.batch, p.num_heads, p.seqlen_q};
 }
 
 }  // namespace
@@ -127,11 +124,10 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const
 
   c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = lse_like(p, q);
+  at::Tensor lse = at::empty(lse_shape(p, q), q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.softmax_lse = lse.data_ptr<float>();
-  Strides const so = strides_of(out, varlen);
-  p.out_batch_stride = so.batch, p.out_row_stride = so.row, p.out_head_stride = so.head;
+  set_strides(out, varlen, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
 
   // num_heads % num_heads_k, head_dim limits and the kernel choice are checked by the dispatcher.
   Status const status = fwd(p, c10::cuda::getCurrentCUDAStream().stream());
@@ -154,21 +150,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mha_bwd(at::Tensor const& dout, a
   check_qkv(dout, "dout", q, dims);
   TORCH_CHECK(out.sizes() == q.sizes(), "flash_attn2: out must have q's shape");
   TORCH_CHECK(dout.sizes() == q.sizes(), "flash_attn2: dout must have q's shape");
-  std::vector<int64_t> const lse_shape =
-      varlen ? std::vector<int64_t>{p.num_heads, q.size(0)} : std::vector<int64_t>{p.batch, p.num_heads, p.seqlen_q};
   TORCH_CHECK(softmax_lse.is_cuda() && softmax_lse.device() == q.device() && softmax_lse.scalar_type() == at::kFloat &&
-                  softmax_lse.is_contiguous() && softmax_lse.sizes() == at::IntArrayRef(lse_shape),
+                  softmax_lse.is_contiguous() && softmax_lse.sizes() == at::IntArrayRef(lse_shape(p, q)),
               str_cat("flash_attn2: softmax_lse must be the forward's contiguous float32 ",
                       varlen ? "(heads, total_q)" : "(batch, heads, seqlen_q)", " tensor on q's device"));
 
   c10::cuda::CUDAGuard device_guard(q.device());
   p.out = const_cast<void*>(out.data_ptr());
   p.softmax_lse = softmax_lse.data_ptr<float>();
-  Strides const so = strides_of(out, varlen);
-  p.out_batch_stride = so.batch, p.out_row_stride = so.row, p.out_head_stride = so.head;
+  set_strides(out, varlen, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
   p.dout = dout.data_ptr();
-  Strides const sdo = strides_of(dout, varlen);
-  p.dout_batch_stride = sdo.batch, p.dout_row_stride = sdo.row, p.dout_head_stride = sdo.head;
+  set_strides(dout, varlen, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride);
 
   // GQA: the kernel writes one dk/dv slice per query head; each group is summed below (in the input
   // dtype, with fp32 accumulation inside at::sum). The alternative, fp32 atomics into k's shape, would
@@ -182,10 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mha_bwd(at::Tensor const& dout, a
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  Strides const sdq = strides_of(dq, varlen), sdk = strides_of(dk, varlen), sdv = strides_of(dv, varlen);
-  p.dq_batch_stride = sdq.batch, p.dq_row_stride = sdq.row, p.dq_head_stride = sdq.head;
-  p.dk_batch_stride = sdk.batch, p.dk_row_stride = sdk.row, p.dk_head_stride = sdk.head;
-  p.dv_batch_stride = sdv.batch, p.dv_row_stride = sdv.row, p.dv_head_stride = sdv.head;
+  set_strides(dq, varlen, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  set_strides(dk, varlen, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+  set_strides(dv, varlen, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
   p.deterministic = deterministic;
 
   size_t const workspace_bytes = bwd_workspace_bytes(p);
