@@ -12,13 +12,12 @@ struct BwdKernelParams : BwdParams {
   // Per query row, in softmax_lse's layout ((batch, heads, seqlen_q), or (heads, total_q) packed):
   // rowsum(dout * out), written by the preprocess kernel.
   float* __restrict__ dsum = nullptr;
-  // num_accum_slices x lse_rows x accum_head_dim fp32: the unscaled dQ sums. Without determinism one
+  // num_accum_slices x lse_rows x (the kernel's head dim) fp32: the unscaled dQ sums. Without determinism one
   // slice that every key block adds to atomically; with it, one slice per split, each written by one
   // CTA only, summed in a fixed order by the postprocess kernel.
   float* __restrict__ dq_accum = nullptr;
   int64_t lse_rows = 0;       // batch * num_heads * seqlen_q, or num_heads * total_q
-  int accum_head_dim = 0;     // the kernel's head dim (>= head_dim)
-  int num_splits = 1;         // CTAs per (batch, head); CTA s takes key blocks s, s + num_splits, ...
+  int num_splits = 1;         // CTAs per (batch, head); each takes every num_splits-th key block (zigzag)
   int num_accum_slices = 1;   // num_splits when deterministic, else 1
 };
 

@@ -263,7 +263,6 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
   kp.dsum = reinterpret_cast<float*>(workspace);
   kp.dq_accum = reinterpret_cast<float*>(workspace + plan.dsum_bytes);
   kp.lse_rows = lse_rows(p);
-  kp.accum_head_dim = plan.info.head_dim;
   kp.num_splits = plan.num_splits;
   kp.num_accum_slices = plan.num_accum_slices;
   cudaError_t const status = plan.kernel->run(kp, stream);

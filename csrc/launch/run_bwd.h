@@ -20,7 +20,6 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   using Traits = BwdTraitsSm80<Element, kHeadDim>;
   using Kernel = FlashBwdKernelSm80<Traits, kMask>;
   using Rows = RowGroups<kHeadDim>;
-  if (params.accum_head_dim != kHeadDim) { return cudaErrorInvalidValue; }
 
   if (params.lse_rows > 0) {
     int64_t const blocks = Rows::num_blocks(params.lse_rows);
