@@ -6,6 +6,8 @@ Build variables (all optional):
     FLASH_ATTN2_ARCHS          SM versions, "80;90" (default) or "80,90" or "90a"; 80 at least.
     FLASH_ATTN2_HEAD_DIMS      build only these head-dim kernels, e.g. "64,128" (default: all).
     FLASH_ATTN2_DTYPES         build only these dtypes, e.g. "bf16" (default: fp16,bf16).
+    FLASH_ATTN2_MASKS          build only these masks, e.g. "none,causal" (default: none,causal,local).
+    FLASH_ATTN2_MODIFIERS      "plain" and/or "mod" (softcap, ALiBi, dropout) kernels (default: both).
     FLASH_ATTN2_PTXAS_VERBOSE  "1": ptxas reports registers, shared memory and spills per kernel.
     MAX_JOBS                   compiler processes run at once (read by torch's ninja build).
     CUDA_HOME                  CUDA toolkit root; found automatically (third_party/find_cuda.py).
@@ -27,7 +29,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC_DIR = "csrc"
 INSTANTIATIONS_DIR = os.path.join(CSRC_DIR, "instantiations")
 GENERATOR = os.path.join(CSRC_DIR, "generate_instantiations.py")
-HAND_WRITTEN_SOURCES = ("bindings.cpp", os.path.join("api", "*.cpp"), os.path.join("launch", "*.cpp"))
+HAND_WRITTEN_SOURCES = ("bindings.cpp", os.path.join("api", "*.cpp"), os.path.join("launch", "*.cpp"),
+                        os.path.join("launch", "*.cu"))
 
 DEFAULT_ARCHS = "80;90"
 # cp.async, ldmatrix and bf16 mma.sync, which the kernels are built from, start with Ampere (sm_80).
@@ -133,7 +136,10 @@ def generate_kernel_sources():
         raise SystemExit(f"flash_attn2: the selection {selection} gives no kernels to build.")
     head_dims = ",".join(map(str, selection.get("head_dims") or [])) or "all"
     dtypes = ",".join(selection.get("dtypes") or []) or "all"
-    print(f"flash_attn2: {len(cu_files)} kernel files (head dims {head_dims}; dtypes {dtypes})")
+    masks = ",".join(selection.get("masks") or []) or "all"
+    modifiers = ",".join(selection.get("modifiers") or []) or "all"
+    print(f"flash_attn2: {len(cu_files)} kernel files (head dims {head_dims}; dtypes {dtypes}; masks {masks}; "
+          f"modifiers {modifiers})")
     return [os.path.relpath(os.path.abspath(path), ROOT) for path in cu_files]
 
 

@@ -10,17 +10,25 @@ TORCH_LIBRARY(flash_attn2, m) {
   // packed (total, heads, head_dim) and max_seqlen_q bounds the q lengths.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, Tensor? cu_seqlens_q=None, "
-      "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor out, Tensor softmax_lse)");
+      "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, int window_left=-1, int window_right=-1, "
+      "float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) "
+      "-> (Tensor out, Tensor softmax_lse)");
   // Gradients of fwd from the forward's inputs and outputs; dk, dv have k's and v's shapes (GQA reduced).
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, float softmax_scale, "
       "bool causal, bool deterministic, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
-      "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "int max_seqlen_q=0, int max_seqlen_k=0, int window_left=-1, int window_right=-1, float softcap=0.0, "
+      "Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The dropout keep mask fwd and bwd apply for rng_state (bool (batch, heads, seqlen_q, seqlen_k)); for tests.
+  m.def(
+      "dropout_mask(Tensor rng_state, int batch, int num_heads, int seqlen_q, int seqlen_k, float dropout_p, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) {
   m.impl("fwd", &flash_attn2::mha_fwd);
   m.impl("bwd", &flash_attn2::mha_bwd);
+  m.impl("dropout_mask", &flash_attn2::mha_dropout_mask);
 }
 
 // `import flash_attn2._C` loads this library, which registers the ops above. The module itself offers
@@ -29,7 +37,8 @@ static PyObject* built_kernels(PyObject*, PyObject*) {
   return PyUnicode_FromString(flash_attn2::built_kernels().c_str());
 }
 static PyMethodDef flash_attn2_methods[] = {
-    {"built_kernels", built_kernels, METH_NOARGS, "Compiled kernels, one per line: '<dir> <dtype> <hdim> <mask>'."},
+    {"built_kernels", built_kernels, METH_NOARGS,
+     "Compiled kernels, one per line: '<dir> <dtype> <hdim> <mask> <plain|mod>'."},
     {nullptr, nullptr, 0, nullptr},
 };
 static PyModuleDef flash_attn2_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, flash_attn2_methods};

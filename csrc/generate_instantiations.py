@@ -3,8 +3,12 @@
 
 setup.py and CMakeLists.txt both call this: it selects instantiations (restricted by environment
 variables) and writes one small .cu per instantiation, so builds run in parallel, plus the dispatch
-table that csrc/launch/dispatch.cpp includes. File axes: direction, dtype, head dim, mask; the arch is
-a compiler flag (the same mma.sync code serves sm80 and sm90).
+table that csrc/launch/dispatch.cpp includes. File axes: direction, dtype, head dim, mask, modifiers; the
+arch is a compiler flag (the same mma.sync code serves sm80 and sm90).
+
+Kernel count: 2 directions x 2 dtypes x 6 head dims x 3 masks x 2 (plain, with modifiers) = 144.
+The modifiers axis (softcap, ALiBi and dropout, switched at run time inside the "mod" kernels) doubles
+the count once instead of three times over; the plain kernels keep the common path free of it.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from typing import Iterable, Mapping
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 DTYPES = {"fp16": "kFp16", "bf16": "kBf16"}
-MASKS = {"none": "kNone", "causal": "kCausal"}
+MASKS = {"none": "kNone", "causal": "kCausal", "local": "kLocal"}
+# "mod": softcap, ALiBi and dropout compiled in, each switched by its runtime parameter.
+MODIFIERS = {"plain": "false", "mod": "true"}
 DIRECTIONS = ("fwd", "bwd")
 
 TABLE_NAMES = {direction: f"{direction}_table.inc" for direction in DIRECTIONS}
@@ -28,13 +34,15 @@ class Instantiation:
     dtype: str
     head_dim: int
     mask: str
+    modifiers: str = "plain"
 
     @property
     def filename(self) -> str:
-        return f"flash_{self.direction}_sm80_{self.dtype}_hdim{self.head_dim}_{self.mask}.cu"
+        suffix = "" if self.modifiers == "plain" else f"_{self.modifiers}"
+        return f"flash_{self.direction}_sm80_{self.dtype}_hdim{self.head_dim}_{self.mask}{suffix}.cu"
 
     def template_args(self) -> str:
-        return f"DType::{DTYPES[self.dtype]}, {self.head_dim}, MaskMode::{MASKS[self.mask]}"
+        return f"DType::{DTYPES[self.dtype]}, {self.head_dim}, MaskMode::{MASKS[self.mask]}, {MODIFIERS[self.modifiers]}"
 
     def source(self) -> str:
         args = self.template_args()
@@ -56,7 +64,7 @@ class Instantiation:
 
     def table_entry(self) -> str:
         macro = f"FLASH_ATTN2_{self.direction.upper()}_KERNEL"
-        return f"{macro}({DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]})\n"
+        return f"{macro}({DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {MODIFIERS[self.modifiers]})\n"
 
 
 def _parse_list(value: str | None, valid: Iterable, name: str, convert=str) -> list | None:
@@ -79,22 +87,29 @@ def _parse_list(value: str | None, valid: Iterable, name: str, convert=str) -> l
 
 
 def parse_env(environ: Mapping[str, str] = os.environ) -> dict:
-    """FLASH_ATTN2_HEAD_DIMS="64,128", FLASH_ATTN2_DTYPES="bf16"; unset or "all" builds everything."""
+    """FLASH_ATTN2_HEAD_DIMS="64,128", FLASH_ATTN2_DTYPES="bf16", FLASH_ATTN2_MASKS="none,causal",
+    FLASH_ATTN2_MODIFIERS="plain"; unset or "all" builds everything."""
     return dict(
         head_dims=_parse_list(environ.get("FLASH_ATTN2_HEAD_DIMS"), HEAD_DIMS, "FLASH_ATTN2_HEAD_DIMS", int),
         dtypes=_parse_list(environ.get("FLASH_ATTN2_DTYPES"), DTYPES, "FLASH_ATTN2_DTYPES"),
+        masks=_parse_list(environ.get("FLASH_ATTN2_MASKS"), MASKS, "FLASH_ATTN2_MASKS"),
+        modifiers=_parse_list(environ.get("FLASH_ATTN2_MODIFIERS"), MODIFIERS, "FLASH_ATTN2_MODIFIERS"),
     )
 
 
-def select(head_dims: list[int] | None = None, dtypes: list[str] | None = None) -> list[Instantiation]:
+def select(head_dims: list[int] | None = None, dtypes: list[str] | None = None, masks: list[str] | None = None,
+           modifiers: list[str] | None = None) -> list[Instantiation]:
     head_dims = list(HEAD_DIMS) if head_dims is None else head_dims
     dtypes = list(DTYPES) if dtypes is None else dtypes
+    masks = list(MASKS) if masks is None else masks
+    modifiers = list(MODIFIERS) if modifiers is None else modifiers
     return sorted(
-        Instantiation(direction, dtype, hdim, mask)
+        Instantiation(direction, dtype, hdim, mask, mod)
         for direction in DIRECTIONS
         for dtype in dtypes
         for hdim in head_dims
-        for mask in MASKS
+        for mask in masks
+        for mod in modifiers
     )
 
 
@@ -133,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "instantiations"))
     parser.add_argument("--head-dims", help="e.g. 64,128 (default: FLASH_ATTN2_HEAD_DIMS or all)")
     parser.add_argument("--dtypes", help="e.g. bf16,fp16 (default: FLASH_ATTN2_DTYPES or all)")
+    parser.add_argument("--masks", help="e.g. none,causal (default: FLASH_ATTN2_MASKS or all)")
+    parser.add_argument("--modifiers", help="plain and/or mod (default: FLASH_ATTN2_MODIFIERS or both)")
     parser.add_argument("--list", action="store_true", help="print the .cu paths, one per line (CMake reads them)")
     args = parser.parse_args(argv)
     env = parse_env()
     head_dims = _parse_list(args.head_dims, HEAD_DIMS, "--head-dims", int) if args.head_dims else env["head_dims"]
     dtypes = _parse_list(args.dtypes, DTYPES, "--dtypes") if args.dtypes else env["dtypes"]
-    paths = write(args.out, select(head_dims, dtypes))
+    masks = _parse_list(args.masks, MASKS, "--masks") if args.masks else env["masks"]
+    modifiers = _parse_list(args.modifiers, MODIFIERS, "--modifiers") if args.modifiers else env["modifiers"]
+    paths = write(args.out, select(head_dims, dtypes, masks, modifiers))
     if args.list:
         print("\n".join(paths))
     return 0

@@ -1,6 +1,6 @@
 """The bridge to the compiled extension ``flash_attn2._C``.
 
-Importing ``_C`` registers the ops ``torch.ops.flash_attn2.fwd`` and ``torch.ops.flash_attn2.bwd``; the
+Importing ``_C`` registers the ops ``torch.ops.flash_attn2.fwd``, ``bwd`` and ``dropout_mask``; the
 plain function ``_C.built_kernels()`` lists the compiled kernels (it takes no tensors, so it is not an op).
 This module remembers whether the import worked (``import flash_attn2`` must work without it, e.g.
 on CPU-only machines), reads back which kernels the build contains, registers the fake (meta)
@@ -26,6 +26,12 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 DIRECTIONS = ("fwd", "bwd")
 """The first field of a ``built_kernels()`` line: forward or backward kernel."""
 
+MASKS = ("none", "causal", "local")
+"""The mask field: every key, bottom-right causal, sliding window (which also serves causal + window)."""
+
+MODIFIERS = ("plain", "mod")
+"""The last field: "mod" kernels apply softcap, ALiBi and dropout (each switched at run time)."""
+
 VECTOR_ELEMENTS = 8
 """The kernels move rows in 16-byte vectors of 8 elements of a 16-bit dtype."""
 
@@ -41,11 +47,13 @@ BUILD_HINT = (
 
 
 class KernelKey(NamedTuple):
-    """One compiled kernel of one direction: ``dtype`` in {"fp16", "bf16"}, ``mask`` in {"none", "causal"}."""
+    """One compiled kernel of one direction: ``dtype`` in {"fp16", "bf16"}, ``mask`` in MASKS,
+    ``modifiers`` in MODIFIERS."""
 
     dtype: str
     head_dim: int
     mask: str
+    modifiers: str = "plain"
 
 
 def extension_available() -> bool:
@@ -68,7 +76,7 @@ def _check_direction(direction: str) -> None:
 
 
 def parse_built_kernels(text: str, direction: str = "fwd") -> frozenset:
-    """Parse the lines ``<direction> <dtype> <hdim> <mask>`` of ``built_kernels()`` (direction ``fwd`` or
+    """Parse the lines ``<direction> <dtype> <hdim> <mask> <modifiers>`` of ``built_kernels()`` (direction ``fwd`` or
     ``bwd``) and return the KernelKeys of ``direction``.
 
     Every line of a known direction is checked, whichever is asked for: a malformed one is an error,
@@ -81,11 +89,11 @@ def parse_built_kernels(text: str, direction: str = "fwd") -> frozenset:
         fields = line.split()
         if not fields or fields[0] not in DIRECTIONS:
             continue
-        if len(fields) != 4 or fields[1] not in DTYPE_NAMES.values() or not fields[2].isdigit() \
-                or fields[3] not in ("none", "causal"):
+        if len(fields) != 5 or fields[1] not in DTYPE_NAMES.values() or not fields[2].isdigit() \
+                or fields[3] not in MASKS or fields[4] not in MODIFIERS:
             raise RuntimeError(f"flash_attn2: cannot parse built_kernels() line {line!r}")
         if fields[0] == direction:
-            kernels.add(KernelKey(fields[1], int(fields[2]), fields[3]))
+            kernels.add(KernelKey(fields[1], int(fields[2]), fields[3], fields[4]))
     return frozenset(kernels)
 
 
@@ -108,17 +116,30 @@ def built_kernels(direction: str = "fwd") -> frozenset:
 def describe_build() -> str:
     """One line listing the compiled kernels, for refusal messages."""
     kernels = sorted(built_kernels())
-    listed = ", ".join(f"{k.dtype} hdim {k.head_dim} {k.mask}" for k in kernels) or "none"
+    listed = ", ".join(f"{k.dtype} hdim {k.head_dim} {k.mask} {k.modifiers}" for k in kernels) or "none"
     return f"This build has: {listed}."
 
 
-def _mask_name(causal: bool) -> str:
-    return "causal" if causal else "none"
+def kernel_mask(causal: bool, window_left: int, window_right: int) -> str:
+    """The mask kernel that serves (causal, window), as the op decides: causal is the window (left, 0),
+    no window is "none", a window that is only right = 0 is plain "causal"; anything else "local"."""
+    if causal:
+        window_right = 0
+    if window_left < 0 and window_right < 0:
+        return "none"
+    if window_left < 0 and window_right == 0:
+        return "causal"
+    return "local"
+
+
+def kernel_modifiers(softcap: float, alibi_slopes, dropout_p: float) -> str:
+    """"mod" when any score modifier is on, else "plain"."""
+    return "mod" if softcap > 0 or alibi_slopes is not None or dropout_p > 0 else "plain"
 
 
 @torch.compiler.assume_constant_result
-def cuda_refusal(device: torch.device, dtype: torch.dtype, causal: bool) -> str:
-    """Why no kernel of this build can run (dtype, mask) on this GPU at all; '' when one can."""
+def cuda_refusal(device: torch.device, dtype: torch.dtype, mask: str, modifiers: str = "plain") -> str:
+    """Why no kernel of this build can run (dtype, mask, modifiers) on this GPU at all; '' when one can."""
     if _C is None:
         return _missing_extension_message()
     capability = torch.cuda.get_device_capability(device)
@@ -128,28 +149,30 @@ def cuda_refusal(device: torch.device, dtype: torch.dtype, causal: bool) -> str:
             f"flash_attn2: {device} ({name}) has compute capability {capability[0]}.{capability[1]}; "
             f"the kernels need {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or newer (Ampere, Ada, Hopper)."
         )
-    if largest_head_dim(dtype, causal) == 0:
+    if largest_head_dim(dtype, mask, modifiers) == 0:
         return (
-            f"flash_attn2: no kernel for dtype {DTYPE_NAMES[dtype]} with mask {_mask_name(causal)} was "
-            f"compiled. {describe_build()} {BUILD_HINT}"
+            f"flash_attn2: no kernel for dtype {DTYPE_NAMES[dtype]} with mask {mask} and modifiers {modifiers} "
+            f"was compiled. {describe_build()} {BUILD_HINT} (FLASH_ATTN2_MASKS / FLASH_ATTN2_MODIFIERS too)"
         )
     return ""
 
 
 @torch.compiler.assume_constant_result
-def largest_head_dim(dtype: torch.dtype, causal: bool) -> int:
-    """The largest head dim compiled for (dtype, mask), 0 if none. A head dim d (padded to a multiple
-    of 8) runs on the smallest compiled kernel whose head dim is >= d, so this is the limit."""
-    served = [k.head_dim for k in built_kernels() if k.dtype == DTYPE_NAMES[dtype] and k.mask == _mask_name(causal)]
+def largest_head_dim(dtype: torch.dtype, mask: str, modifiers: str = "plain") -> int:
+    """The largest head dim compiled for (dtype, mask, modifiers), 0 if none. A head dim d (padded to a
+    multiple of 8) runs on the smallest compiled kernel whose head dim is >= d, so this is the limit.
+    Forward and backward kernels are built together, so the forward's list speaks for both."""
+    served = [k.head_dim for k in built_kernels()
+              if k.dtype == DTYPE_NAMES[dtype] and k.mask == mask and k.modifiers == modifiers]
     return max(served, default=0)
 
 
-def head_dim_refusal(dtype: torch.dtype, head_dim: int, causal: bool) -> str:
-    """The message for a head dim larger than every kernel compiled for (dtype, mask)."""
+def head_dim_refusal(dtype: torch.dtype, head_dim: int, mask: str, modifiers: str = "plain") -> str:
+    """The message for a head dim larger than every kernel compiled for (dtype, mask, modifiers)."""
     return (
         f"flash_attn2: head dim {head_dim} needs a kernel with head dim >= {head_dim} for dtype "
-        f"{DTYPE_NAMES[dtype]} with mask {_mask_name(causal)}, and this build's largest is "
-        f"{largest_head_dim(dtype, causal)}. {describe_build()} {BUILD_HINT}"
+        f"{DTYPE_NAMES[dtype]} with mask {mask} and modifiers {modifiers}, and this build's largest is "
+        f"{largest_head_dim(dtype, mask, modifiers)}. {describe_build()} {BUILD_HINT}"
     )
 
 
@@ -173,11 +196,34 @@ def _lse_shape(q, varlen: bool):
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
+def new_rng_state(device) -> torch.Tensor:
+    """A fresh dropout rng state: int64 ``(2,)`` = (seed, offset) on ``device``, the seed drawn from
+    PyTorch's generator for that device (so ``torch.manual_seed`` reproduces it) by a device-side op
+    (no host sync: capturable in a CUDA graph). The kernels read it on the device; the backward gets
+    the forward's, so it regenerates the same mask."""
+    state = torch.zeros(2, dtype=torch.int64, device=device)
+    state[0].random_()  # [0, 2^63): a 63-bit Philox key
+    return state
+
+
+def dropout_keep_mask(rng_state, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
+                      cu_seqlens_q=None, cu_seqlens_k=None) -> torch.Tensor:
+    """The keep mask (bool ``(batch, nheads, seqlen_q, seqlen_k)``, True = kept) that the kernels apply
+    for ``rng_state`` and ``dropout_p``. With cu_seqlens, seqlen_q/k are the bounds and entries past a
+    sequence are False. For tests and ``return_attn_probs``: it is N x N."""
+    if _C is None:
+        raise RuntimeError(_missing_extension_message())
+    return torch.ops.flash_attn2.dropout_mask(rng_state, batch, nheads, seqlen_q, seqlen_k, dropout_p,
+                                              cu_seqlens_q, cu_seqlens_k)
+
+
 def fwd(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-        max_seqlen_k=0):
+        max_seqlen_k=0, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+        rng_state=None):
     """``torch.ops.flash_attn2.fwd``: kernel-ready q, k, v (CUDA, fp16/bf16, head dim a multiple of
     8, 16-byte aligned) to ``(out, lse)``; with cu_seqlens, packed (total, heads, head_dim) tensors.
-    Raises a RuntimeError saying how to build if ``_C`` is absent.
+    The window (-1: unbounded) and the modifiers (softcap, alibi_slopes, dropout_p with rng_state)
+    follow flash-attn's conventions. Raises a RuntimeError saying how to build if ``_C`` is absent.
 
     An empty output is returned without a launch: there is nothing to compute, and a grid with a
     zero dimension is an invalid CUDA launch configuration.
@@ -188,11 +234,13 @@ def fwd(q, k, v, softmax_scale: float, causal: bool, cu_seqlens_q=None, cu_seqle
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         return out, q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
     return torch.ops.flash_attn2.fwd(q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k)
+                                     max_seqlen_k, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                                     rng_state)
 
 
 def bwd(dout, q, k, v, out, softmax_lse, softmax_scale: float, causal: bool, deterministic: bool,
-        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1,
+        softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None):
     """``torch.ops.flash_attn2.bwd``: the gradients ``(dq, dk, dv)`` of ``fwd``'s out, for the tensors
     ``fwd`` got and returned and a kernel-ready ``dout`` of out's shape. dq, dk, dv are contiguous, with
     q's, k's and v's shapes (GQA: the query heads of a kv head are summed in the op). ``deterministic``
@@ -208,14 +256,16 @@ def bwd(dout, q, k, v, out, softmax_lse, softmax_scale: float, causal: bool, det
     if q.numel() == 0 or k.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     return torch.ops.flash_attn2.bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic,
-                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                                     window_right, softcap, alibi_slopes, dropout_p, rng_state)
 
 
 if _C is not None:
 
     @torch.library.register_fake("flash_attn2::fwd")
     def _fwd_fake(q, k, v, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                  max_seqlen_k=0):
+                  max_seqlen_k=0, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                  rng_state=None):
         """Shapes of the op's outputs: ``out`` like q but contiguous, ``lse`` float32 (see _lse_shape)."""
         out = q.new_empty(q.shape)
         lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
@@ -223,6 +273,13 @@ if _C is not None:
 
     @torch.library.register_fake("flash_attn2::bwd")
     def _bwd_fake(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q=None,
-                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1, softcap=0.0,
+                  alibi_slopes=None, dropout_p=0.0, rng_state=None):
         """Shapes of the op's outputs: dq, dk, dv like q, k, v (GQA reduced in the op), contiguous."""
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("flash_attn2::dropout_mask")
+    def _dropout_mask_fake(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, cu_seqlens_q=None,
+                           cu_seqlens_k=None):
+        """The keep mask's shape: bool (batch, num_heads, seqlen_q, seqlen_k)."""
+        return rng_state.new_empty((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.bool)

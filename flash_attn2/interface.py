@@ -7,12 +7,22 @@ graph break) and CPU tensors to ``reference.attention_cpu``. Validation reads on
 never tensor data, so the CUDA path has no data-dependent control flow.
 """
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
 from flash_attn2 import _ops
 from flash_attn2._autograd import FlashAttnFunction
-from flash_attn2.reference import attention_cpu, attention_cpu_varlen
+from flash_attn2.reference import (
+    UNBOUNDED,
+    attention_cpu,
+    attention_cpu_varlen,
+    attention_probs,
+    attention_probs_varlen,
+    effective_window,
+)
 
 MAX_HEAD_DIM = 256
 """The largest head dim any kernel is written for."""
@@ -107,68 +117,155 @@ def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
             raise ValueError(f"flash_attn2: {name} must be an int >= 0, got {value!r}")
 
 
-def _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes) -> None:
-    """Features of flash-attn's signature that arrive later: refuse rather than ignore them."""
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"flash_attn2: dropout is not implemented yet (dropout_p={dropout_p}); pass dropout_p=0.0"
+def _is_number(value, kind) -> bool:
+    """``isinstance(value, kind)`` without bool, which Python counts as an int but is never meant as one here."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _check_modifiers(q, batch, dropout_p, window_size, softcap, alibi_slopes) -> tuple:
+    """Validate the score modifiers (meanings in ``flash_attn_func``'s docstring) and return window_size as a
+    tuple of two ints. ``batch`` is the number of sequences (of a packed batch too). Reads no tensor data."""
+    if not _is_number(dropout_p, numbers.Real):
+        raise TypeError(f"flash_attn2: dropout_p must be a number in [0, 1), got {type(dropout_p).__name__}")
+    if not 0 <= dropout_p < 1:  # also refuses nan; 1 would drop everything and divide by 1 - p = 0
+        raise ValueError(f"flash_attn2: dropout_p must be in [0, 1), got {dropout_p}")
+
+    if isinstance(window_size, torch.Tensor) or not hasattr(window_size, "__len__") or len(window_size) != 2:
+        raise TypeError(f"flash_attn2: window_size must be a pair (left, right) of ints, got {window_size!r}")
+    if not all(_is_number(edge, numbers.Integral) for edge in window_size):
+        raise TypeError(f"flash_attn2: window_size must be a pair (left, right) of ints, got {tuple(window_size)!r}")
+    window_size = (int(window_size[0]), int(window_size[1]))
+    if any(edge < UNBOUNDED for edge in window_size):
+        raise ValueError(
+            f"flash_attn2: each edge of window_size must be -1 (unbounded) or >= 0, got window_size={window_size}"
         )
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(
-            "flash_attn2: sliding-window (local) attention is not implemented yet "
-            f"(window_size={tuple(window_size)}); pass window_size=(-1, -1)"
-        )
-    if softcap != 0.0:
-        raise NotImplementedError(
-            f"flash_attn2: softcapping is not implemented yet (softcap={softcap}); pass softcap=0.0"
-        )
+
+    if not _is_number(softcap, numbers.Real):
+        raise TypeError(f"flash_attn2: softcap must be a number, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"flash_attn2: softcap must be finite and >= 0 (0 turns it off), got {softcap}")
+
     if alibi_slopes is not None:
-        raise NotImplementedError("flash_attn2: ALiBi is not implemented yet; pass alibi_slopes=None")
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"flash_attn2: alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"flash_attn2: alibi_slopes must be float32 (as in flash-attn), got {alibi_slopes.dtype}")
+        nheads = q.shape[-2]
+        if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+            raise ValueError(
+                f"flash_attn2: alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = "
+                f"({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
+            )
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"flash_attn2: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    return window_size
 
 
-def _attention_cuda(q, k, v, softmax_scale, causal, deterministic, varlen_args=(None, None, 0, 0)):
-    refusal = _ops.cuda_refusal(q.device, q.dtype, causal)
+def _runs_on_kernels(q) -> bool:
+    """CUDA tensors go to the kernels, CPU tensors to the PyTorch path. One named place, so that the CPU
+    tests can send CPU tensors down the CUDA branch (with stand-ins) to check what it is called with."""
+    return q.device.type == "cuda"
+
+
+def _sample_keep_mask(shape, dropout_p, device):
+    """A dropout keep mask (True = kept) from torch's generator, for the CPU path when the caller wants
+    S_dmask: sampled once and handed to the CPU attention, so the output and S_dmask use the same mask."""
+    return torch.rand(shape, device=device) < 1.0 - dropout_p
+
+
+def _s_dmask(probs, keep, dtype):
+    """flash-attn's ``S_dmask``: the probabilities, negated where dropout dropped them."""
+    return torch.where(keep, probs, -probs).to(dtype)
+
+
+def _attention_cuda(q, k, v, softmax_scale, causal, deterministic, varlen_args=(None, None, 0, 0), *,
+                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0):
+    """The CUDA path: pick the kernel family, pad the head dim, run the autograd Function.
+    Returns ``(out, lse, rng_state)``; rng_state (the dropout seed the kernels used) is None without
+    dropout."""
+    window_left, window_right = (int(w) for w in window_size)
+    mask = _ops.kernel_mask(causal, window_left, window_right)
+    modifiers = _ops.kernel_modifiers(softcap, alibi_slopes, dropout_p)
+    refusal = _ops.cuda_refusal(q.device, q.dtype, mask, modifiers)
     if refusal:
         raise RuntimeError(refusal)
     head_dim = q.shape[-1]
     padded_dim = (head_dim + HEAD_DIM_MULTIPLE - 1) // HEAD_DIM_MULTIPLE * HEAD_DIM_MULTIPLE
-    if padded_dim > _ops.largest_head_dim(q.dtype, causal):
-        raise RuntimeError(_ops.head_dim_refusal(q.dtype, head_dim, causal))
+    if padded_dim > _ops.largest_head_dim(q.dtype, mask, modifiers):
+        raise RuntimeError(_ops.head_dim_refusal(q.dtype, head_dim, mask, modifiers))
 
     if padded_dim != head_dim:  # the pad also makes each tensor contiguous
         pad = (0, padded_dim - head_dim)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     else:
         q, k, v = (_ops.kernel_ready(t) for t in (q, k, v))
+    rng_state = _ops.new_rng_state(q.device) if dropout_p > 0 else None
 
-    out, lse = FlashAttnFunction.apply(q, k, v, softmax_scale, causal, deterministic, *varlen_args)
+    out, lse = FlashAttnFunction.apply(q, k, v, softmax_scale, causal, deterministic, *varlen_args, window_left,
+                                       window_right, float(softcap), alibi_slopes, float(dropout_p), rng_state)
     if padded_dim != head_dim:
         out = out[..., :head_dim]
-    return out, lse
+    return out, lse, rng_state
 
 
-def _attention(q, k, v, softmax_scale, causal, deterministic=False):
-    """Validate, then run on the tensors' device. Returns ``(out, lse)``. ``deterministic`` selects the
-    CUDA backward's reproducible mode; the CPU path is deterministic anyway."""
+def _attention(q, k, v, softmax_scale, causal, deterministic=False, window_size=(-1, -1), softcap=0.0,
+               alibi_slopes=None, dropout_p=0.0, return_attn_probs=False):
+    """Validate, then run on the tensors' device. Returns ``(out, lse, S_dmask)``, S_dmask None unless
+    ``return_attn_probs`` with ``dropout_p > 0``. ``deterministic`` selects the CUDA backward's reproducible
+    mode; the CPU path is deterministic anyway (given torch's seed, with dropout)."""
     _check_inputs(q, k, v)
+    window_size = _check_modifiers(q, q.shape[0], dropout_p, window_size, softcap, alibi_slopes)
+    window_size = effective_window(causal, window_size)  # every path gets the window with causal folded in
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5  # the real head dim, not the padded one
-    if q.device.type == "cuda":
-        return _attention_cuda(q, k, v, softmax_scale, causal, deterministic)
-    return attention_cpu(q, k, v, softmax_scale, causal)
+    batch, seqlen_q, nheads, _ = q.shape
+    mask_shape = (batch, nheads, seqlen_q, k.shape[1])
+    with_s_dmask = return_attn_probs and dropout_p > 0
+    if _runs_on_kernels(q):
+        out, lse, rng_state = _attention_cuda(q, k, v, softmax_scale, causal, deterministic, window_size=window_size,
+                                              softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+        keep = _ops.dropout_keep_mask(rng_state, *mask_shape, dropout_p) if with_s_dmask else None
+    else:
+        keep = _sample_keep_mask(mask_shape, dropout_p, q.device) if with_s_dmask else None
+        out, lse = attention_cpu(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, keep)
+    if keep is None:
+        return out, lse, None
+    with torch.no_grad():  # S_dmask is for inspection, not part of the autograd graph (as in flash-attn)
+        probs = attention_probs(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, lse)
+    return out, lse, _s_dmask(probs, keep, q.dtype)
 
 
 def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                      deterministic=False):
-    """Validate a packed batch, then run on the tensors' device. Returns ``(out, lse)``, lse (nheads, total_q)."""
+                      deterministic=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                      return_attn_probs=False):
+    """Validate a packed batch, then run on the tensors' device. Returns ``(out, lse, S_dmask)`` as
+    ``_attention`` does, lse (nheads, total_q), S_dmask padded (batch, nheads, max_seqlen_q, max_seqlen_k)."""
     _check_inputs(q, k, v, varlen=True)
     _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    batch = cu_seqlens_q.shape[0] - 1
+    window_size = _check_modifiers(q, batch, dropout_p, window_size, softcap, alibi_slopes)
+    window_size = effective_window(causal, window_size)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    if q.device.type == "cuda":
+    mask_shape = (batch, q.shape[1], max_seqlen_q, max_seqlen_k)
+    with_s_dmask = return_attn_probs and dropout_p > 0
+    if _runs_on_kernels(q):
         varlen_args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return _attention_cuda(q, k, v, softmax_scale, causal, deterministic, varlen_args)
-    return attention_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+        out, lse, rng_state = _attention_cuda(q, k, v, softmax_scale, causal, deterministic, varlen_args,
+                                              window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                              dropout_p=dropout_p)
+        keep = _ops.dropout_keep_mask(rng_state, *mask_shape, dropout_p, cu_seqlens_q=cu_seqlens_q,
+                                      cu_seqlens_k=cu_seqlens_k) if with_s_dmask else None
+    else:
+        keep = _sample_keep_mask(mask_shape, dropout_p, q.device) if with_s_dmask else None
+        out, lse = attention_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size,
+                                        softcap, alibi_slopes, dropout_p, keep)
+    if keep is None:
+        return out, lse, None
+    with torch.no_grad():
+        probs = attention_probs_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                       causal, window_size, softcap, alibi_slopes, lse)
+    return out, lse, _s_dmask(probs, keep, q.dtype)
 
 
 def flash_attn_func(
@@ -186,33 +283,50 @@ def flash_attn_func(
 ):
     """Scaled dot-product attention, ``softmax(q k^T * softmax_scale) v``, as in flash-attn 2.x.
 
+    The scores ``z = q . k * softmax_scale`` are modified in this order: softcap, ALiBi, mask (window and
+    causal); then softmax, then dropout. Positions are bottom-right aligned: with ``off = seqlen_k - seqlen_q``,
+    query ``i``'s diagonal is key ``i + off``.
+
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``.
         k, v: ``(batch, seqlen_k, nheads_k, headdim)``; ``nheads % nheads_k == 0`` (GQA/MQA:
             query head ``i`` uses kv head ``i // (nheads // nheads_k)``).
             CUDA: float16 or bfloat16 on compute capability >= 8.0. CPU: also float32/float64.
             ``headdim <= 256``; any multiple of 8 runs as is, others are zero-padded.
+        dropout_p: probability in ``[0, 1)`` of dropping each attention probability; kept ones are scaled by
+            ``1 / (1 - dropout_p)``. Pass 0.0 in evaluation. The mask comes from torch's generator (CUDA: its
+            seed and offset; CPU: ``torch.rand``), so ``torch.manual_seed`` makes it reproducible, and the
+            backward pass drops the same entries.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
-        causal: bottom-right aligned mask: query ``i`` sees key ``j`` iff ``j <= i + seqlen_k - seqlen_q``.
-            Query rows that see no key (``seqlen_q > seqlen_k``) output 0.
-        dropout_p, window_size, softcap, alibi_slopes: accepted for signature compatibility; any
-            value but the default raises NotImplementedError.
+        causal: query ``i`` sees key ``j`` iff ``j <= i + off``, i.e. the window's ``right = 0``.
+            Query rows that see no key (e.g. ``seqlen_q > seqlen_k``) output 0.
+        window_size: ``(left, right)`` sliding-window (local) attention: query ``i`` sees key ``j`` iff
+            ``i + off - left <= j <= i + off + right``; ``-1`` leaves that side unbounded (other negative
+            values are an error). ``(-1, -1)``, the default, is full attention. With ``causal``, ``right`` is 0.
+        softcap: if > 0, ``z = softcap * tanh(z / softcap)`` (Gemma 2, Grok); 0 turns it off.
+        alibi_slopes: float32 ``(nheads,)`` or ``(batch, nheads)`` on q's device, or None: adds
+            ``-slope * |i + off - j|`` to ``z`` (after softcapping).
         deterministic: make the CUDA backward pass bitwise reproducible. By default it accumulates dq
             with atomic adds, whose order varies between runs (so do the last bits of dq); True
             accumulates in a fixed order instead, at some cost in speed. The forward pass,
             and everything on CPU, is deterministic regardless.
-        return_attn_probs: also return the log-sum-exp.
+        return_attn_probs: also return the log-sum-exp, and with dropout the probabilities ``S_dmask``.
+            For testing only: ``S_dmask`` is seqlen_q x seqlen_k per head, recomputed after the pass.
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim)`` in q's dtype (on CUDA with a head dim that is
         not a multiple of 8, a view that slices the padding off, as in flash-attn); with ``return_attn_probs``,
-        ``(out, softmax_lse, None)``: ``softmax_lse`` is float32 ``(batch, nheads, seqlen_q)``
-        (``+inf`` on rows that see no key), and the third element, flash-attn's dropout mask
-        ``S_dmask``, is None because there is no dropout.
+        ``(out, softmax_lse, S_dmask)``: ``softmax_lse`` is float32 ``(batch, nheads, seqlen_q)``, the
+        log-sum-exp of the modified scores without dropout (``+inf`` on rows that see no key).
+        ``S_dmask`` is None without dropout (as in flash-attn); with ``dropout_p > 0`` it is
+        ``(batch, nheads, seqlen_q, seqlen_k)`` in q's dtype: the probabilities ``exp(z - softmax_lse)``
+        (without the ``1 / (1 - dropout_p)`` factor) with the dropped entries negated (flash-attn's
+        convention). On CPU the output is computed with that same mask (sampled in one piece when
+        S_dmask is asked for, per block of keys otherwise, so the two draw different masks from one seed).
     """
-    _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
-    out, lse = _attention(q, k, v, softmax_scale, causal, deterministic)
-    return (out, lse, None) if return_attn_probs else out
+    out, lse, s_dmask = _attention(q, k, v, softmax_scale, causal, deterministic, window_size, softcap, alibi_slopes,
+                                   dropout_p, return_attn_probs)
+    return (out, lse, s_dmask) if return_attn_probs else out
 
 
 def _unpack(packed, name: str, count: int, layout: str, dim: int = 2):
@@ -288,20 +402,22 @@ def flash_attn_varlen_func(
             rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (not checked: that needs a host sync).
         max_seqlen_q: an int >= every query length (it sizes the grid; rows past it are not computed);
             max_seqlen_k: an int >= every key length. Larger bounds are fine.
-        causal: bottom-right aligned per sequence.
+        causal, window_size, alibi_slopes: positions bottom-right aligned per sequence; ``(batch, nheads)``
+            slopes give sequence ``b`` row ``b``.
         block_table: paged KV is not implemented yet (NotImplementedError).
         Other arguments as in ``flash_attn_func``.
 
     Returns:
-        ``out`` ``(total_q, nheads, headdim)``; with ``return_attn_probs``, ``(out, softmax_lse, None)``
-        with ``softmax_lse`` float32 ``(nheads, total_q)``.
+        ``out`` ``(total_q, nheads, headdim)``; with ``return_attn_probs``, ``(out, softmax_lse, S_dmask)``
+        with ``softmax_lse`` float32 ``(nheads, total_q)`` and ``S_dmask`` None without dropout, else
+        ``(batch, nheads, max_seqlen_q, max_seqlen_k)``: sequence ``b``'s at ``[b, :, :len_q, :len_k]``, 0 elsewhere.
     """
-    _refuse_unimplemented(dropout_p, window_size, softcap, alibi_slopes)
     if block_table is not None:
         raise NotImplementedError("flash_attn2: paged KV (block_table) is not implemented yet; pass block_table=None")
-    out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                 deterministic)
-    return (out, lse, None) if return_attn_probs else out
+    out, lse, s_dmask = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                          causal, deterministic, window_size, softcap, alibi_slopes, dropout_p,
+                                          return_attn_probs)
+    return (out, lse, s_dmask) if return_attn_probs else out
 
 
 def flash_attn_varlen_qkvpacked_func(

@@ -8,13 +8,23 @@ Two implementations, for two jobs:
   kernels, over blocks of keys, so memory stays at ``seqlen_q x block_size`` scores per head.
   It is ordinary differentiable torch code; autograd gives its backward.
 
-Semantics shared with the CUDA op (layout ``(batch, seqlen, nheads, headdim)``):
+Semantics shared with the CUDA op (layout ``(batch, seqlen, nheads, headdim)``), in the order they apply
+(flash-attn 2.x's):
 
 * GQA/MQA: query head ``i`` reads kv head ``i // (nheads // nheads_k)``.
-* ``causal`` is bottom-right aligned: query row ``i`` sees key ``j`` iff ``j <= i + seqlen_k - seqlen_q``.
+* Scores ``z = q . k * softmax_scale``.
+* Softcapping (``softcap > 0``): ``z = softcap * tanh(z / softcap)``.
+* ALiBi (``alibi_slopes`` of shape ``(nheads,)`` or ``(batch, nheads)``):
+  ``z -= slope[b, h] * |i + seqlen_k - seqlen_q - j|``.
+* Masking (scores of keys a query does not see are ``-inf``), bottom-right aligned: with
+  ``off = seqlen_k - seqlen_q`` and ``window_size = (left, right)``, query ``i`` sees key ``j`` iff
+  ``j >= i + off - left`` (when ``left >= 0``) and ``j <= i + off + right`` (when ``right >= 0``);
+  ``-1`` is unbounded. ``causal`` is the window's right edge on the diagonal (``right = 0``).
+* ``lse`` is the natural-log log-sum-exp of these scores, shape ``(batch, nheads, seqlen_q)``, and the
+  probabilities are ``P = exp(z - lse)``.
+* Dropout (``dropout_p > 0``): ``P_ij * keep_ij / (1 - dropout_p)``; ``lse`` is that of the scores, without dropout.
 * A row that sees no key has output 0 and log-sum-exp ``+inf``. ``+inf`` (not ``-inf``) so that
   ``exp(score - lse)`` is 0 for every key of that row, which is what a backward pass recomputes.
-* ``lse`` is the natural-log log-sum-exp of the scaled scores, shape ``(batch, nheads, seqlen_q)``.
 """
 
 import math
@@ -25,71 +35,179 @@ DEFAULT_CPU_BLOCK_SIZE = 256
 """Keys per step of ``attention_cpu``: large enough that the Python loop is not the cost,
 small enough that a block of scores for a long query sequence stays a few MiB."""
 
+UNBOUNDED = -1
+"""A window edge of -1 lets a query see every key on that side (flash-attn's convention)."""
+
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for 16-bit and float32 inputs, float64 for float64 (so gradcheck sees float64 math)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _visible_keys(seqlen_q: int, key_start: int, key_end: int, seqlen_k: int, device) -> torch.Tensor:
-    """Bottom-right causal mask for keys ``[key_start, key_end)``: bool ``(seqlen_q, key_end - key_start)``."""
+def effective_window(causal: bool, window_size) -> tuple:
+    """``(left, right)`` with ``causal`` folded in: causal attention is a window whose right edge is the
+    diagonal, so ``causal`` sets ``right = 0`` and keeps ``left`` (flash-attn's rule)."""
+    left, right = window_size
+    return (left, 0 if causal else right)
+
+
+def _key_distance(seqlen_q: int, key_start: int, key_end: int, seqlen_k: int, device) -> torch.Tensor:
+    """``i + seqlen_k - seqlen_q - j`` for query rows ``i`` and keys ``j`` in ``[key_start, key_end)``: how far
+    key ``j`` lies left of row ``i``'s bottom-right aligned diagonal. int64 ``(seqlen_q, key_end - key_start)``."""
     rows = torch.arange(seqlen_q, device=device).unsqueeze(1)
     cols = torch.arange(key_start, key_end, device=device).unsqueeze(0)
-    return cols <= rows + (seqlen_k - seqlen_q)
+    return rows + (seqlen_k - seqlen_q) - cols
 
 
-def attention_ref(q, k, v, softmax_scale=None, causal=False, upcast=True):
+def _visible_keys(seqlen_q: int, key_start: int, key_end: int, seqlen_k: int, device,
+                  window_size=(UNBOUNDED, 0)) -> torch.Tensor:
+    """The one visibility rule: which of the keys ``[key_start, key_end)`` each query row sees under
+    ``window_size = (left, right)`` (see the module docstring), bool ``(seqlen_q, key_end - key_start)``.
+    The default window ``(-1, 0)`` is the causal mask."""
+    distance = _key_distance(seqlen_q, key_start, key_end, seqlen_k, device)
+    left, right = window_size
+    visible = torch.ones_like(distance, dtype=torch.bool)
+    if left != UNBOUNDED:
+        visible &= distance <= left
+    if right != UNBOUNDED:
+        visible &= distance >= -right
+    return visible
+
+
+def _first_seen_key(seqlen_q: int, seqlen_k: int, window_size) -> int:
+    """No query row sees a key before this one under the window (row 0 reaches furthest left), so those
+    keys need no work (the kernels' block range). The last key is always seen (by the last row, on its
+    diagonal), so there is no such bound on the right."""
+    left = window_size[0]
+    return 0 if left == UNBOUNDED else max(0, seqlen_k - seqlen_q - left)
+
+
+def _slopes_per_head(alibi_slopes, batch: int, nheads: int, dtype):
+    """ALiBi slopes as ``(batch, nheads)`` in ``dtype``, whether given per head or per (sequence, head)."""
+    return None if alibi_slopes is None else alibi_slopes.to(dtype).expand(batch, nheads)
+
+
+def _modified_scores(scores, key_start: int, seqlen_k: int, window_size, softcap: float, slopes):
+    """Softcap, ALiBi bias and window mask, in that order, on scaled scores ``(..., seqlen_q, n)`` of the
+    keys ``[key_start, key_start + n)``. ``slopes`` broadcasts against ``scores.shape[:-2] + (1, 1)``, or None."""
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    seqlen_q, key_end = scores.shape[-2], key_start + scores.shape[-1]
+    if slopes is not None:
+        distance = _key_distance(seqlen_q, key_start, key_end, seqlen_k, scores.device)
+        scores = scores - slopes * distance.abs().to(scores.dtype)
+    if tuple(window_size) != (UNBOUNDED, UNBOUNDED):
+        visible = _visible_keys(seqlen_q, key_start, key_end, seqlen_k, scores.device, window_size)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores
+
+
+def _scores(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    """The full modified score matrix ``(batch, nheads, seqlen_q, seqlen_k)``: ``q . k`` in q's dtype (the
+    caller picks it), everything after in the math dtype."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(headdim)
+    k = k.repeat_interleave(nheads // k.shape[2], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
+    scores = scores.to(_math_dtype(scores.dtype))
+    slopes = _slopes_per_head(alibi_slopes, batch, nheads, scores.dtype)
+    return _modified_scores(scores, 0, k.shape[1], effective_window(causal, window_size), softcap,
+                            None if slopes is None else slopes[:, :, None, None])
+
+
+def _row_lse(scores):
+    """log-sum-exp over the keys; +inf (the empty-row convention) where logsumexp gives -inf: no key seen."""
+    lse = torch.logsumexp(scores, dim=-1)
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+def _check_dropout_mask(dropout_p, dropout_mask, shape) -> None:
+    if dropout_mask is None:
+        raise ValueError(
+            f"flash_attn2: dropout_p={dropout_p} needs dropout_mask, the bool keep mask (batch, nheads, seqlen_q, "
+            f"seqlen_k) = {tuple(shape)}"
+        )
+    if dropout_mask.dtype != torch.bool or tuple(dropout_mask.shape) != tuple(shape):
+        raise ValueError(
+            f"flash_attn2: dropout_mask must be bool {tuple(shape)} (batch, nheads, seqlen_q, seqlen_k), got "
+            f"{dropout_mask.dtype} {tuple(dropout_mask.shape)}"
+        )
+
+
+def _drop(probs, dropout_p, keep):
+    """Dropout of the probabilities: dropped ones are 0, kept ones scaled by ``1 / (1 - dropout_p)`` so the
+    expected output is unchanged. ``probs * keep`` (not an in-place fill) stays differentiable."""
+    return probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
+
+
+def attention_ref(q, k, v, softmax_scale=None, causal=False, upcast=True, window_size=(-1, -1), softcap=0.0,
+                  alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
     """Naive attention: full score matrix, kv heads repeated, softmax, weighted sum.
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``.
         k, v: ``(batch, seqlen_k, nheads_k, headdim)``, ``nheads % nheads_k == 0``.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
-        causal: bottom-right aligned causal mask.
+        causal: bottom-right aligned causal mask (the window's ``right = 0``).
         upcast: compute in float32 (float64 stays float64). ``False`` does the matrix products and
             the rounding of the probabilities in the input precision: the "same math in the same
-            precision" baseline that the kernels' error is measured against.
+            precision" baseline that the kernels' error is measured against. (The modifiers then act
+            on float32 scores, as in the kernels' registers.)
+        window_size, softcap, alibi_slopes, dropout_p: see the module docstring.
+        dropout_mask: bool ``(batch, nheads, seqlen_q, seqlen_k)``, True = kept; required when
+            ``dropout_p > 0``, ignored otherwise.
 
     Returns:
         ``(out, lse)``. ``out`` is ``(batch, seqlen_q, nheads, headdim)`` in the math dtype, i.e.
         float32 (float64 for float64 input) when ``upcast``, else the input dtype; the caller casts.
-        ``lse`` is ``(batch, nheads, seqlen_q)`` float32 (float64 for float64 input).
+        ``lse`` is ``(batch, nheads, seqlen_q)`` float32 (float64 for float64 input), without dropout.
     """
-    headdim = q.shape[-1]
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(headdim)
     dtype = _math_dtype(q.dtype) if upcast else q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    group = q.shape[2] // k.shape[2]
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
-
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale  # (b, h, s_q, s_k)
-    if causal:
-        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-        visible = _visible_keys(seqlen_q, 0, seqlen_k, seqlen_k, q.device)
-        scores = scores.masked_fill(~visible, float("-inf"))
-
-    scores = scores.to(_math_dtype(scores.dtype))
-    lse = torch.logsumexp(scores, dim=-1)  # (b, h, s_q); -inf exactly where a row sees no key
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    probs = torch.exp(scores - lse.unsqueeze(-1)).to(dtype)  # empty rows: exp(-inf) = 0
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    scores = _scores(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes)  # (b, h, s_q, s_k)
+    lse = _row_lse(scores)  # (b, h, s_q)
+    probs = torch.exp(scores - lse.unsqueeze(-1))  # empty rows: exp(-inf) = 0
+    if dropout_p > 0:
+        _check_dropout_mask(dropout_p, dropout_mask, scores.shape)
+        probs = _drop(probs, dropout_p, dropout_mask)
+    v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs.to(dtype), v)
     return out, lse
 
 
-def attention_cpu(q, k, v, softmax_scale, causal, block_size=DEFAULT_CPU_BLOCK_SIZE):
+def attention_probs(q, k, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                    lse=None):
+    """The softmax probabilities ``exp(z - lse)`` (before dropout), ``(batch, nheads, seqlen_q, seqlen_k)`` in the
+    math dtype: flash-attn's ``S_dmask`` without the signs. Given ``lse`` (e.g. a kernel's), the rows are
+    normalised by it, so they show what that forward pass used; without, by their own log-sum-exp.
+    Materialises seqlen_q x seqlen_k per head: for tests and debugging."""
+    dtype = _math_dtype(q.dtype)
+    scores = _scores(q.to(dtype), k.to(dtype), softmax_scale, causal, window_size, softcap, alibi_slopes)
+    if lse is None:
+        lse = _row_lse(scores)
+    return torch.exp(scores - lse.to(dtype).unsqueeze(-1))
+
+
+def attention_cpu(q, k, v, softmax_scale, causal, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                  dropout_mask=None, block_size=DEFAULT_CPU_BLOCK_SIZE):
     """Memory-efficient attention in plain PyTorch (the public API's CPU path).
 
     Loops over blocks of ``block_size`` keys keeping a running row max ``m``, a running sum ``l``
     of ``exp(score - m)`` and an unnormalised output, rescaling both when the max grows (the
-    online softmax of FlashAttention). GQA reads the kv heads through a broadcast view instead
-    of repeating them. Accepts float16/bfloat16/float32/float64; computes in float32 (float64
-    for float64).
+    online softmax of FlashAttention). Keys left of every row's window are skipped.
+    GQA reads the kv heads through a broadcast view instead of repeating them. Accepts
+    float16/bfloat16/float32/float64; computes in float32 (float64 for float64).
+
+    window_size, softcap, alibi_slopes and dropout_p as in the module docstring. With ``dropout_p > 0``
+    the keep mask is sampled per block of keys from torch's default generator on q's device
+    (``torch.manual_seed`` makes it reproducible), unless ``dropout_mask`` (bool
+    ``(batch, nheads, seqlen_q, seqlen_k)``, True = kept) gives it. Either way the mask is a constant
+    of the autograd graph, so the backward drops the same entries.
 
     Returns:
         ``(out, lse)``: ``out`` ``(batch, seqlen_q, nheads, headdim)`` in the input dtype, ``lse``
-        ``(batch, nheads, seqlen_q)`` in float32 (float64 for float64 input).
+        ``(batch, nheads, seqlen_q)`` in float32 (float64 for float64 input), without dropout.
     """
     if block_size < 1:
         raise ValueError(f"flash_attn2: block_size must be >= 1, got {block_size}")
@@ -97,6 +215,13 @@ def attention_cpu(q, k, v, softmax_scale, causal, block_size=DEFAULT_CPU_BLOCK_S
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group = nheads // nheads_k
     dtype = _math_dtype(q.dtype)
+    window_size = effective_window(causal, window_size)
+    if dropout_p > 0 and dropout_mask is not None:
+        _check_dropout_mask(dropout_p, dropout_mask, (batch, nheads, seqlen_q, seqlen_k))
+        dropout_mask = dropout_mask.reshape(batch, nheads_k, group, seqlen_q, seqlen_k)
+    slopes = _slopes_per_head(alibi_slopes, batch, nheads, dtype)
+    if slopes is not None:
+        slopes = slopes.reshape(batch, nheads_k, group, 1, 1)
 
     # (b, h_k, group, s_q, d): query heads of one kv head side by side; kv heads broadcast over group.
     q_grouped = q.to(dtype).reshape(batch, seqlen_q, nheads_k, group, headdim).permute(0, 2, 3, 1, 4)
@@ -108,13 +233,11 @@ def attention_cpu(q, k, v, softmax_scale, causal, block_size=DEFAULT_CPU_BLOCK_S
     row_sum = torch.zeros(row_shape, dtype=dtype, device=q.device)
     acc = torch.zeros((batch, nheads_k, group, seqlen_q, headdim), dtype=dtype, device=q.device)
 
-    for start in range(0, seqlen_k, block_size):
+    for start in range(_first_seen_key(seqlen_q, seqlen_k, window_size), seqlen_k, block_size):
         end = min(start + block_size, seqlen_k)
         k_block, v_block = k_heads[:, :, :, start:end], v_heads[:, :, :, start:end]
         scores = torch.matmul(q_grouped, k_block.transpose(-1, -2)) * softmax_scale  # (b, h_k, g, s_q, blk)
-        if causal:
-            visible = _visible_keys(seqlen_q, start, end, seqlen_k, q.device)
-            scores = scores.masked_fill(~visible, float("-inf"))
+        scores = _modified_scores(scores, start, seqlen_k, window_size, softcap, slopes)
         # The max is only a shift that cancels between numerator and denominator, so no gradient
         # needs to flow through it. A row that has seen no key yet has max -inf; shifting by 0
         # instead keeps exp(-inf - shift) = 0 rather than exp(-inf + inf) = nan.
@@ -122,7 +245,11 @@ def attention_cpu(q, k, v, softmax_scale, causal, block_size=DEFAULT_CPU_BLOCK_S
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
         probs = torch.exp(scores - shift)
         rescale = torch.exp(row_max - shift)
-        row_sum = row_sum * rescale + probs.sum(dim=-1, keepdim=True)
+        row_sum = row_sum * rescale + probs.sum(dim=-1, keepdim=True)  # lse is of the scores without dropout
+        if dropout_p > 0:
+            keep = (dropout_mask[..., start:end] if dropout_mask is not None
+                    else torch.rand(probs.shape, dtype=dtype, device=q.device) < 1.0 - dropout_p)
+            probs = _drop(probs, dropout_p, keep)
         acc = acc * rescale + torch.matmul(probs, v_block)
         row_max = new_max
 
@@ -148,14 +275,35 @@ def sequence_bounds(cu_seqlens, total: int, name: str = "cu_seqlens"):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
+def _sequence_slopes(alibi_slopes, b: int):
+    """Sequence ``b``'s ALiBi slopes: its row of ``(batch, nheads)`` slopes, or the shared ``(nheads,)`` ones."""
+    return alibi_slopes[b : b + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+
+
+def _check_padded_size(name: str, size, bounds_q, bounds_k) -> None:
+    """A padded per-sequence tensor ``(batch, nheads, >= len_q, >= len_k)`` must hold every sequence."""
+    longest_q = max((e - s for s, e in bounds_q), default=0)
+    longest_k = max((e - s for s, e in bounds_k), default=0)
+    if size[0] != len(bounds_q) or size[2] < longest_q or size[3] < longest_k:
+        raise ValueError(
+            f"flash_attn2: {name} of shape {tuple(size)} must be (batch={len(bounds_q)}, nheads, >= {longest_q}, "
+            f">= {longest_k}): one (max_seqlen_q, max_seqlen_k) block per sequence, holding the longest"
+        )
+
+
+def _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, dropout_mask=None, **kwargs):
     """Runs ``attention`` on each sequence of a packed batch. Rows past ``cu_seqlens_q[-1]`` belong to
-    no sequence: out 0, lse +inf."""
+    no sequence: out 0, lse +inf. Sequence ``b`` gets its own row of ``(batch, nheads)`` ALiBi slopes and
+    ``dropout_mask[b, :, :len_q, :len_k]`` of a padded ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` mask."""
     bounds_q = sequence_bounds(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
     bounds_k = sequence_bounds(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if dropout_mask is not None:
+        _check_padded_size("dropout_mask", dropout_mask.shape, bounds_q, bounds_k)
     outs, lses = [], []
-    for (q0, q1), (k0, k1) in zip(bounds_q, bounds_k):
-        out, lse = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], **kwargs)
+    for b, ((q0, q1), (k0, k1)) in enumerate(zip(bounds_q, bounds_k)):
+        mask = None if dropout_mask is None else dropout_mask[b : b + 1, :, : q1 - q0, : k1 - k0]
+        out, lse = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], alibi_slopes=_sequence_slopes(alibi_slopes, b),
+                             dropout_mask=mask, **kwargs)
         outs.append(out[0])
         lses.append(lse[0])
     rest = q.shape[0] - (bounds_q[-1][1] if bounds_q else 0)
@@ -165,16 +313,42 @@ def _per_sequence(attention, q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
     return torch.cat(outs), torch.cat(lses, dim=-1)
 
 
-def attention_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, block_size=DEFAULT_CPU_BLOCK_SIZE):
+def attention_cpu_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size=(-1, -1), softcap=0.0,
+                         alibi_slopes=None, dropout_p=0.0, dropout_mask=None, block_size=DEFAULT_CPU_BLOCK_SIZE):
     """The CPU path of ``flash_attn_varlen_func``: ``attention_cpu`` on each sequence of the packed batch.
 
-    Returns ``(out (total_q, nheads, headdim), lse (nheads, total_q))``; causal is bottom-right per sequence.
+    Positions (causal, window, ALiBi) are bottom-right aligned per sequence; ``alibi_slopes`` is
+    ``(nheads,)`` or ``(batch, nheads)``; ``dropout_mask``, if given, is padded
+    ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` (sequence ``b`` uses ``[b, :, :len_q, :len_k]``).
+    Returns ``(out (total_q, nheads, headdim), lse (nheads, total_q))``.
     """
     return _per_sequence(attention_cpu, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
-                         causal=causal, block_size=block_size)
+                         causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                         dropout_p=dropout_p, dropout_mask=dropout_mask, block_size=block_size)
 
 
-def attention_ref_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False, upcast=True):
-    """``attention_ref`` on each sequence of a packed batch (the oracle of the variable-length tests)."""
+def attention_ref_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False, upcast=True,
+                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
+    """``attention_ref`` on each sequence of a packed batch (the oracle of the variable-length tests).
+    ``alibi_slopes`` and ``dropout_mask`` per sequence as in ``attention_cpu_varlen``."""
     return _per_sequence(attention_ref, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
-                         causal=causal, upcast=upcast)
+                         causal=causal, upcast=upcast, window_size=window_size, softcap=softcap,
+                         alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_mask=dropout_mask)
+
+
+def attention_probs_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                           causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, lse=None):
+    """``attention_probs`` of each sequence of a packed batch, padded to ``(batch, nheads, max_seqlen_q,
+    max_seqlen_k)``: sequence ``b``'s at ``[b, :, :len_q, :len_k]``, zeros elsewhere (the layout of the
+    varlen ``S_dmask`` and keep masks). ``lse``: ``(nheads, total_q)`` or None."""
+    bounds_q = sequence_bounds(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    bounds_k = sequence_bounds(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    size = (len(bounds_q), q.shape[1], max_seqlen_q, max_seqlen_k)
+    _check_padded_size("the probabilities (max_seqlen_q, max_seqlen_k)", size, bounds_q, bounds_k)
+    probs = torch.zeros(size, dtype=_math_dtype(q.dtype), device=q.device)
+    for b, ((q0, q1), (k0, k1)) in enumerate(zip(bounds_q, bounds_k)):
+        probs[b, :, : q1 - q0, : k1 - k0] = attention_probs(
+            q[None, q0:q1], k[None, k0:k1], softmax_scale, causal, window_size, softcap,
+            _sequence_slopes(alibi_slopes, b), None if lse is None else lse[None, :, q0:q1],
+        )[0]
+    return probs

@@ -3,6 +3,14 @@ explains itself when the build yields no case, and one representative kernel per
 
 import pytest
 
+from flash_attn2 import _ops
+
+
+def plain_kernels(direction="fwd"):
+    """The compiled kernels without window and modifiers (masks none and causal, "plain"), sorted: what
+    the tests of the plain paths iterate over (tests/test_modifiers_gpu.py covers the others)."""
+    return sorted(k for k in _ops.built_kernels(direction) if k.mask in ("none", "causal") and k.modifiers == "plain")
+
 
 def kernel_id(kernel):
     return f"{kernel.dtype}-d{kernel.head_dim}-{kernel.mask}"

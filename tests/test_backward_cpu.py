@@ -120,6 +120,14 @@ def _dense_bwd(dout, q, k, v, out, lse, softmax_scale, causal):
     return dq, fold(dk), fold(dv)
 
 
+def _assert_no_modifiers(causal, modifiers):
+    """These stand-ins cover the plain kernels: the window must be what causal alone implies and every
+    score modifier off (window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state)."""
+    windows = [(-1, -1), (-1, 0)] if causal else [(-1, -1)]  # _attention_cuda may be called without the fold
+    assert tuple(modifiers) in [()] + [w + (0.0, None, 0.0, None) for w in windows], (
+        f"unexpected modifier arguments {modifiers}")
+
+
 class StandInOps:
     """``_ops.fwd`` and ``_ops.bwd`` in plain PyTorch, recording the calls made in eager mode."""
 
@@ -127,8 +135,9 @@ class StandInOps:
         self.fwd_calls, self.bwd_calls = [], []
 
     def fwd(self, q, k, v, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-            max_seqlen_k=0):
+            max_seqlen_k=0, *modifiers):
         _assert_kernel_ready(q, k, v)
+        _assert_no_modifiers(causal, modifiers)
         if not torch.compiler.is_compiling():
             self.fwd_calls.append(dict(head_dim=q.shape[-1], cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q))
         if cu_seqlens_q is None:
@@ -138,8 +147,9 @@ class StandInOps:
         return out.to(q.dtype).contiguous(), lse
 
     def bwd(self, dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q=None,
-            cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+            cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, *modifiers):
         _assert_kernel_ready(dout, q, k, v, out)
+        _assert_no_modifiers(causal, modifiers)
         assert dout.shape == out.shape == q.shape and isinstance(deterministic, bool)
         if not torch.compiler.is_compiling():
             self.bwd_calls.append(dict(
@@ -165,8 +175,8 @@ def stand_in(monkeypatch):
     ops = StandInOps()
     monkeypatch.setattr(_ops, "fwd", ops.fwd)
     monkeypatch.setattr(_ops, "bwd", ops.bwd)
-    monkeypatch.setattr(_ops, "cuda_refusal", lambda device, dtype, causal: "")
-    monkeypatch.setattr(_ops, "largest_head_dim", lambda dtype, causal: interface.MAX_HEAD_DIM)
+    monkeypatch.setattr(_ops, "cuda_refusal", lambda device, dtype, mask, modifiers="plain": "")
+    monkeypatch.setattr(_ops, "largest_head_dim", lambda dtype, mask, modifiers="plain": interface.MAX_HEAD_DIM)
     return ops
 
 
@@ -245,7 +255,7 @@ def test_cuda_path_packed_views_get_gradients(stand_in):
 
 def test_cuda_path_lse_is_not_differentiable(stand_in):
     q, k, v = make_qkv(1, 5, 6, 2, 1, 8)
-    out, lse = interface._attention_cuda(q, k, v, 0.5, False, False)
+    out, lse, _ = interface._attention_cuda(q, k, v, 0.5, False, False)
     assert out.requires_grad and not lse.requires_grad
     (out.sum() + lse.sum()).backward()
     assert_grads_close((q.grad, k.grad, v.grad), reference_grads(q, k, v, torch.ones_like(out), False, 0.5))
@@ -256,7 +266,7 @@ def test_cuda_path_varlen_passes_the_packed_batch_to_bwd(stand_in):
     cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
     q = torch.randn(sum(lens_q), 4, 12, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(sum(lens_k), 2, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    out, _ = interface._attention_cuda(q, k, v, 0.3, True, True, (cu_q, cu_k, 10, 11))
+    out, _, _ = interface._attention_cuda(q, k, v, 0.3, True, True, (cu_q, cu_k, 10, 11))
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))

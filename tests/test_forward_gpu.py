@@ -8,7 +8,7 @@ each call so that any output element the kernel fails to write shows up as NaN.
 
 import pytest
 import torch
-from kernel_grid import grid_or_skip, kernel_id, one_kernel_per_dtype_and_mask
+from kernel_grid import grid_or_skip, kernel_id, one_kernel_per_dtype_and_mask, plain_kernels
 
 from flash_attn2 import _ops, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from flash_attn2.reference import attention_ref
@@ -16,7 +16,7 @@ from flash_attn2.reference import attention_ref
 pytestmark = pytest.mark.requires_cuda
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-KERNELS = sorted(_ops.built_kernels())
+KERNELS = plain_kernels()
 NHEADS = 8
 
 SEQLENS = [
@@ -246,7 +246,7 @@ def test_refuses_gpu_below_sm80(monkeypatch):
 
 def test_refuses_head_dim_larger_than_any_compiled():
     for kernel in KERNELS:
-        largest = _ops.largest_head_dim(TORCH_DTYPES[kernel.dtype], kernel.mask == "causal")
+        largest = _ops.largest_head_dim(TORCH_DTYPES[kernel.dtype], kernel.mask)
         if largest < 256:
             break
     else:
@@ -264,6 +264,6 @@ def test_refuses_dtype_and_mask_not_compiled():
         pytest.skip("every dtype and mask is compiled")
     dtype, mask = missing[0]
     q = torch.randn(1, 4, 2, 64, dtype=TORCH_DTYPES[dtype], device="cuda")
-    match = rf"no kernel for dtype {dtype} with mask {mask} was compiled\. This build has"
+    match = rf"no kernel for dtype {dtype} with mask {mask} and modifiers plain was compiled\. This build has"
     with pytest.raises(RuntimeError, match=match):
         flash_attn_func(q, q, q, causal=mask == "causal")

@@ -87,7 +87,7 @@ def test_unpad_varlen_pad_equals_dense_on_padded_batch():
         (dict(max_seqlen_k=2.5), ValueError, "max_seqlen_k"),
         (dict(q=torch.randn(1, 8, 2, 8)), ValueError, "3-d"),
         (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), NotImplementedError, "block_table"),
-        (dict(dropout_p=0.1), NotImplementedError, "dropout"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     ],
     ids=["cu_int64", "cu_numel_mismatch", "cu_decreasing", "cu_past_total", "cu_2d", "max_negative", "max_float",
          "q_4d", "block_table", "dropout"],

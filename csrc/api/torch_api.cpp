@@ -1,6 +1,7 @@
 #include "api/torch_api.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include <ATen/ops/empty.h>
@@ -16,6 +17,16 @@
 // through as is; see common/strings.h for why no iostream formatting happens in this library.
 namespace flash_attn2 {
 namespace {
+
+// The window and score modifiers of a call, as the ops take them.
+struct Modifiers {
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  double softcap = 0.0;
+  std::optional<at::Tensor> alibi_slopes;
+  double dropout_p = 0.0;
+  std::optional<at::Tensor> rng_state;
+};
 
 DType dtype_of(at::Tensor const& t) {
   switch (t.scalar_type()) {
@@ -53,11 +64,60 @@ void set_strides(at::Tensor const& t, bool varlen, int64_t& batch, int64_t& row,
   batch = varlen ? 0 : t.stride(0), row = t.stride(-3), head = t.stride(-2);
 }
 
+// flash-attn's (causal, window) convention to a mask mode: causal is the window (left, 0), no window
+// on either side is kNone, and a window that is only "right = 0" is plain causal.
+void set_mask(FwdParams& p, bool causal, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              str_cat("flash_attn2: window_size entries must be >= 0, or -1 for unbounded; got (", window_left, ", ",
+                      window_right, ")"));
+  if (causal) { window_right = 0; }
+  constexpr int64_t kMaxWindow = int64_t(1) << 30;  // beyond any sequence the kernels accept
+  p.window_left = int(std::min(window_left, kMaxWindow));
+  p.window_right = int(std::min(window_right, kMaxWindow));
+  if (window_left < 0 && window_right < 0) {
+    p.mask = MaskMode::kNone;
+  } else if (window_left < 0 && window_right == 0) {
+    p.mask = MaskMode::kCausal;
+  } else {
+    p.mask = MaskMode::kLocal;
+  }
+}
+
+// The score modifiers: softcap, ALiBi slopes ((heads,) or (batch, heads) fp32), dropout with its rng state.
+void set_modifiers(FwdParams& p, at::Tensor const& q, double softcap, std::optional<at::Tensor> const& alibi_slopes,
+                   double dropout_p, std::optional<at::Tensor> const& rng_state) {
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap),
+              str_cat("flash_attn2: softcap must be >= 0 and finite (0 is off), got ", softcap));
+  p.softcap = float(softcap);
+  if (alibi_slopes.has_value()) {
+    at::Tensor const& a = *alibi_slopes;
+    TORCH_CHECK(a.device() == q.device() && a.scalar_type() == at::kFloat,
+                "flash_attn2: alibi_slopes must be a float32 tensor on q's device");
+    bool const per_head = a.dim() == 1 && a.size(0) == p.num_heads;
+    bool const per_batch = a.dim() == 2 && a.size(0) == p.batch && a.size(1) == p.num_heads;
+    TORCH_CHECK(per_head || per_batch, str_cat("flash_attn2: alibi_slopes must be (nheads,) = (", p.num_heads,
+                                               ",) or (batch, nheads) = (", p.batch, ", ", p.num_heads, ")"));
+    TORCH_CHECK(a.stride(-1) == 1 || p.num_heads <= 1, "flash_attn2: alibi_slopes must be contiguous in its last dim");
+    p.alibi_slopes = a.data_ptr<float>();
+    p.alibi_slopes_batch_stride = per_batch && p.batch > 1 ? a.stride(0) : 0;
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, str_cat("flash_attn2: dropout_p must be in [0, 1), got ", dropout_p));
+  p.dropout_p = float(dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng_state.has_value(), "flash_attn2: dropout_p > 0 needs rng_state (int64 (2,): seed, offset)");
+    at::Tensor const& r = *rng_state;
+    TORCH_CHECK(r.device() == q.device() && r.scalar_type() == at::kLong && r.numel() == 2 && r.is_contiguous(),
+                "flash_attn2: rng_state must be a contiguous int64 tensor of 2 elements (seed, offset) on q's device");
+    p.rng_state = reinterpret_cast<uint64_t const*>(r.data_ptr<int64_t>());
+  }
+}
+
 // Checks q, k, v (and the varlen vectors) and fills the size, stride, dtype and mask fields of p that
 // the forward and the backward share; out and softmax_lse are filled by the caller.
 void fill_problem(FwdParams& p, at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, double softmax_scale,
                   bool causal, std::optional<at::Tensor> const& cu_seqlens_q,
-                  std::optional<at::Tensor> const& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                  std::optional<at::Tensor> const& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                  Modifiers const& mods) {
   bool const varlen = cu_seqlens_q.has_value();
   TORCH_CHECK(varlen == cu_seqlens_k.has_value(), "flash_attn2: give both cu_seqlens_q and cu_seqlens_k, or neither");
   int64_t const dims = varlen ? 3 : 4;
@@ -102,7 +162,8 @@ void fill_problem(FwdParams& p, at::Tensor const& q, at::Tensor const& k, at::Te
   p.head_dim = int(head_dim);
   p.softmax_scale = float(softmax_scale);
   p.dtype = dtype;
-  p.mask = causal ? MaskMode::kCausal : MaskMode::kNone;
+  set_mask(p, causal, mods.window_left, mods.window_right);
+  set_modifiers(p, q, mods.softcap, mods.alibi_slopes, mods.dropout_p, mods.rng_state);
 }
 
 // softmax_lse's shape: (batch, heads, seqlen_q), or (heads, total_q) for a packed batch.
@@ -117,9 +178,12 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const
                                            double softmax_scale, bool causal,
                                            std::optional<at::Tensor> const& cu_seqlens_q,
                                            std::optional<at::Tensor> const& cu_seqlens_k, int64_t max_seqlen_q,
-                                           int64_t max_seqlen_k) {
+                                           int64_t max_seqlen_k, int64_t window_left, int64_t window_right,
+                                           double softcap, std::optional<at::Tensor> const& alibi_slopes,
+                                           double dropout_p, std::optional<at::Tensor> const& rng_state) {
+  Modifiers const mods{window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state};
   FwdParams p;
-  fill_problem(p, q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  fill_problem(p, q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mods);
   bool const varlen = cu_seqlens_q.has_value();
 
   c10::cuda::CUDAGuard device_guard(q.device());
@@ -141,9 +205,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mha_bwd(at::Tensor const& dout, a
                                                        double softmax_scale, bool causal, bool deterministic,
                                                        std::optional<at::Tensor> const& cu_seqlens_q,
                                                        std::optional<at::Tensor> const& cu_seqlens_k,
-                                                       int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                       int64_t window_left, int64_t window_right, double softcap,
+                                                       std::optional<at::Tensor> const& alibi_slopes,
+                                                       double dropout_p, std::optional<at::Tensor> const& rng_state) {
+  Modifiers const mods{window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state};
   BwdParams p;
-  fill_problem(p, q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  fill_problem(p, q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mods);
   bool const varlen = cu_seqlens_q.has_value();
   int64_t const dims = varlen ? 3 : 4;
   check_qkv(out, "out", q, dims);
@@ -193,6 +261,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mha_bwd(at::Tensor const& dout, a
     dv = dv.view(split_shape).sum(-2);
   }
   return {dq, dk, dv};
+}
+
+at::Tensor mha_dropout_mask(at::Tensor const& rng_state, int64_t batch, int64_t num_heads, int64_t seqlen_q,
+                        int64_t seqlen_k, double dropout_p, std::optional<at::Tensor> const& cu_seqlens_q,
+                        std::optional<at::Tensor> const& cu_seqlens_k) {
+  TORCH_CHECK(rng_state.is_cuda(), "flash_attn2: rng_state must be a CUDA tensor");
+  TORCH_CHECK(batch >= 0 && num_heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0 && seqlen_q <= INT32_MAX &&
+                  seqlen_k <= INT32_MAX && batch <= INT32_MAX && num_heads <= INT32_MAX,
+              "flash_attn2: dropout_mask sizes must be in [0, 2^31)");
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+              "flash_attn2: give both cu_seqlens_q and cu_seqlens_k, or neither");
+  FwdParams p;
+  p.batch = int(batch);
+  p.num_heads = int(num_heads);
+  p.seqlen_q = int(seqlen_q);
+  p.seqlen_k = int(seqlen_k);
+  set_modifiers(p, rng_state, 0.0, std::nullopt, dropout_p, rng_state);
+  if (cu_seqlens_q.has_value()) {
+    check_cu_seqlens(*cu_seqlens_q, "cu_seqlens_q", rng_state, batch);
+    check_cu_seqlens(*cu_seqlens_k, "cu_seqlens_k", rng_state, batch);
+    p.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k->data_ptr<int>();
+  }
+  c10::cuda::CUDAGuard device_guard(rng_state.device());
+  at::Tensor keep = at::empty({batch, num_heads, seqlen_q, seqlen_k}, rng_state.options().dtype(at::kBool));
+  Status const status = flash_attn2::dropout_mask(p, reinterpret_cast<uint8_t*>(keep.data_ptr()),
+                                                  c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status.ok(), status.message);
+  return keep;
 }
 
 }  // namespace flash_attn2

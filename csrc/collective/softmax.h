@@ -80,15 +80,16 @@ struct OnlineSoftmax {
   // Normalises acc_o and returns each row's natural-log logsumexp of the scaled scores.
   // A row that saw no key has sum 0: its output stays exactly 0 and its lse is +inf (flash-attn's
   // convention, which also makes the backward's exp(s - lse) vanish for it).
+  // out_scale multiplies every output (dropout's 1 / (1 - p); 1 otherwise).
   template <class TensorO>
-  CUTE_DEVICE auto finalize(TensorO& acc_o, float softmax_scale) {
+  CUTE_DEVICE auto finalize(TensorO& acc_o, float softmax_scale, float out_scale = 1.f) {
     Tensor out = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
     Tensor lse = make_tensor<float>(Shape<Int<kRows>>{});
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       float const sum = quad_allreduce_sum(row_sum(r));
       bool const empty = sum == 0.f;
-      float const inv_sum = empty ? 0.f : 1.f / sum;
+      float const inv_sum = empty ? 0.f : out_scale / sum;
       lse(r) = empty ? INFINITY : row_max(r) * softmax_scale + logf(sum);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(out); ++c) { out(r, c) *= inv_sum; }

@@ -15,8 +15,9 @@ struct FwdTile {
 // Shared memory is Q (block_m x d) + K and V (block_n x d each), 2 bytes per element. Registers decide:
 // each thread holds block_m * d / threads fp32 of O plus block_m * block_n / threads of S, and a tile
 // that makes ptxas spill loses more than its larger key step gains.
+// A sliding window (kLocal) takes the causal rows: its steps straddle a diagonal as well.
 constexpr FwdTile fwd_tile(int head_dim, MaskMode mask) {
-  bool const causal = mask == MaskMode::kCausal;
+  bool const causal = mask != MaskMode::kNone;
   switch (head_dim) {
     // Small d: loads are cheap relative to the S tile, so a wide key step amortises the softmax.
     // 24 KB smem. (Spills 28 B; not yet measured against narrower tiles.)

@@ -9,11 +9,13 @@
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cutlass/detail/helper_macros.hpp>
 
 #include "collective/block_info.h"
 #include "collective/copy.h"
 #include "collective/gemm.h"
 #include "collective/mask.h"
+#include "collective/score_mod.h"
 #include "collective/utils.h"
 #include "launch/bwd_kernel_params.h"
 
@@ -21,7 +23,8 @@ namespace flash_attn2 {
 
 using namespace cute;
 
-template <class Traits, MaskMode kMask>
+// kModifiers: softcap, ALiBi and dropout, each switched at run time (collective/score_mod.h).
+template <class Traits, MaskMode kMask, bool kModifiers>
 struct FlashBwdKernelSm80 {
   using Element = typename Traits::Element;
   static constexpr int kBlockM = Traits::kBlockM;
@@ -72,12 +75,13 @@ struct FlashBwdKernelSm80 {
     int const batch = bh / params.num_heads;
 
     BwdBlockInfo const binfo(params, batch, head);
-    Mask const mask{binfo.seqlen_q, binfo.seqlen_k};
+    Mask const mask(binfo.seqlen_q, binfo.seqlen_k, params.window_left, params.window_right);
     int const n_blocks = num_n_blocks(binfo.seqlen_k);
     if (split >= n_blocks) { return; }
     int const head_dim = params.head_dim;
-    int const m_block_end = mask.m_block_end();
     float const scale_log2 = params.softmax_scale * float(M_LOG2E);
+    ScoreModifiers const modifiers(params, batch, head);
+    Dropout const dropout(params, batch, head);
 
     SharedStorage& storage = *reinterpret_cast<SharedStorage*>(smem_buf);
 
@@ -181,7 +185,7 @@ struct FlashBwdKernelSm80 {
          ++round, n_block = round * splits + (round % 2 == 0 ? split : splits - 1 - split)) {
       int const rows_k = binfo.seqlen_k - n_block * kBlockN;
       int const m_block_begin = mask.m_block_begin(n_block);
-      int const m_block_masked_end = mask.m_block_masked_end(n_block);
+      int const m_block_end = mask.m_block_end(n_block);
 
       Tensor acc_dk = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
       Tensor acc_dv = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
@@ -197,7 +201,9 @@ struct FlashBwdKernelSm80 {
         load_q_do(m_block_end - 1, 0);  // one group with K and V
 
         int buf = 0;
-        auto step = [&](int m_block, auto needs_mask) {
+        // Forced inline: step is called from several loops, and an outlined step would take the register
+        // fragments it captures by reference through local memory.
+        auto step = [&](int m_block, auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
           // This thread's score rows: lse (log2 units) and rowsum(dO o O). Rows past the sequence get
           // lse = +inf, so P = 0 there (their Q and dO are zero-filled).
           int const rows_q = binfo.seqlen_q - m_block * kBlockM;
@@ -218,6 +224,14 @@ struct FlashBwdKernelSm80 {
           clear(acc_s);
           gemm_ss(acc_s, tSrQ, tSrK, thr_copy_a_sdp.partition_S(sQ(buf)), tSsK, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
+          // Softcap's derivative, 1 - tanh^2, multiplies dS (only the kernels with modifiers hold it).
+          auto dtanh = [&] {
+            if constexpr (kModifiers) { return make_fragment_like(acc_s); } else { return 0; }
+          }();
+          if constexpr (kModifiers) {
+            modifiers.apply<true>(acc_s, dtanh, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM,
+                                  kBlockN, mask.diagonal_offset());
+          }
           if constexpr (decltype(needs_mask)::value) {
             mask.apply(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block);
           }
@@ -230,7 +244,16 @@ struct FlashBwdKernelSm80 {
             }
           }
 
-          {
+          bool const dropout_on = kModifiers && dropout.on;
+          if (dropout_on) {
+            // Dropped probabilities become negative: dV takes max(p, 0), dS both P and the mask.
+            dropout.apply<true>(acc_s, tScS0, m_block * kBlockM + score_row_base, n_block * kBlockN + score_col_base);
+            Tensor kept = make_fragment_like(acc_s);
+            CUTE_UNROLL
+            for (int i = 0; i < size(acc_s); ++i) { kept(i) = fmaxf(acc_s(i), 0.f); }
+            Tensor rP = convert_fragment<Element>(kept);
+            copy(copy_pds, thr_copy_pds.retile_S(rP), tPsP);
+          } else {
             Tensor rP = convert_fragment<Element>(acc_s);  // stored under the dP GEMM's latency
             copy(copy_pds, thr_copy_pds.retile_S(rP), tPsP);
           }
@@ -240,10 +263,28 @@ struct FlashBwdKernelSm80 {
           gemm_ss(acc_dp, tdPrdO, tdPrV, thr_copy_a_sdp.partition_S(sdO(buf)), tdPsV, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
           Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
-          CUTE_UNROLL
-          for (int r = 0; r < size<0>(dp); ++r) {
+          if (dropout_on) {
+            // dS = P o (Z o dP / (1 - p) - D): a dropped score (p = -P < 0) gets -P * D = p * D.
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(dp); ++c) { dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]); }
+            for (int r = 0; r < size<0>(dp); ++r) {
+              CUTE_UNROLL
+              for (int c = 0; c < size<1>(dp); ++c) {
+                float const p = scores(r, c);
+                dp(r, c) = p >= 0.f ? p * (dp(r, c) * dropout.keep_scale - dsum[r]) : p * dsum[r];
+              }
+            }
+          } else {
+            CUTE_UNROLL
+            for (int r = 0; r < size<0>(dp); ++r) {
+              CUTE_UNROLL
+              for (int c = 0; c < size<1>(dp); ++c) { dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]); }
+            }
+          }
+          if constexpr (kModifiers) {
+            if (modifiers.softcap_on) {
+              CUTE_UNROLL
+              for (int i = 0; i < size(acc_dp); ++i) { acc_dp(i) *= dtanh(i); }
+            }
           }
           Tensor rdS = convert_fragment<Element>(acc_dp);
           copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
@@ -269,9 +310,15 @@ struct FlashBwdKernelSm80 {
           if (kStages == 2) { buf ^= 1; }
         };
 
-        // Query blocks from the last down: first those that see the whole key block, then the masked ones.
+        // Query blocks from the last down: those past the window's left edge (masked), those that see the
+        // whole key block (bare), those that straddle the diagonal or see the zero-filled tail (masked).
+        int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
         int m_block = m_block_end - 1;
-        for (; m_block >= m_block_masked_end; --m_block) { step(m_block, cute::false_type{}); }
+        if constexpr (Mask::kHasLeft) {
+          int const m_block_unmasked_end = max(mask.m_block_unmasked_end(n_block), m_block_begin);
+          for (; m_block >= m_block_unmasked_end; --m_block) { step(m_block, cute::true_type{}); }
+        }
+        for (; m_block >= m_block_unmasked_begin; --m_block) { step(m_block, cute::false_type{}); }
         for (; m_block >= m_block_begin; --m_block) { step(m_block, cute::true_type{}); }
       }
 
@@ -279,6 +326,10 @@ struct FlashBwdKernelSm80 {
       // global memory through shared memory for 16-byte stores.
       CUTE_UNROLL
       for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }
+      if (kModifiers && dropout.on) {  // dV summed the kept probabilities unscaled
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_dv); ++i) { acc_dv(i) *= dropout.keep_scale; }
+      }
       Tensor rdK = convert_fragment<Element>(acc_dk);
       Tensor rdV = convert_fragment<Element>(acc_dv);
       auto copy_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma_dkv);

@@ -6,11 +6,13 @@
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cutlass/detail/helper_macros.hpp>
 
 #include "collective/block_info.h"
 #include "collective/copy.h"
 #include "collective/gemm.h"
 #include "collective/mask.h"
+#include "collective/score_mod.h"
 #include "collective/softmax.h"
 #include "collective/utils.h"
 #include "flash_attn2/params.h"
@@ -19,7 +21,8 @@ namespace flash_attn2 {
 
 using namespace cute;
 
-template <class Traits, MaskMode kMask>
+// kModifiers: softcap, ALiBi and dropout, each switched at run time (collective/score_mod.h).
+template <class Traits, MaskMode kMask, bool kModifiers>
 struct FlashFwdKernelSm80 {
   using Element = typename Traits::Element;
   static constexpr int kBlockM = Traits::kBlockM;
@@ -48,8 +51,8 @@ struct FlashFwdKernelSm80 {
 
     FwdBlockInfo const binfo(params, batch, head);
     if (m_block * kBlockM >= binfo.seqlen_q) { return; }
-    Mask const mask{binfo.seqlen_q, binfo.seqlen_k};
-    int const n_block_min = 0;
+    Mask const mask(binfo.seqlen_q, binfo.seqlen_k, params.window_left, params.window_right);
+    int const n_block_min = mask.n_block_begin(m_block);
     int const n_block_max = mask.n_block_end(m_block);
     int const head_dim = params.head_dim;
     int const rows_q = binfo.seqlen_q - m_block * kBlockM;  // valid rows of this Q tile (may exceed kBlockM)
@@ -117,6 +120,8 @@ struct FlashFwdKernelSm80 {
 
     OnlineSoftmax<decltype(size<0>(acc_rowcol(acc_o.layout())))::value> softmax(
         params.softmax_scale * float(M_LOG2E));
+    ScoreModifiers const modifiers(params, batch, head);
+    Dropout const dropout(params, batch, head);
 
     if (n_block_max > n_block_min) {
       // Prologue: Q and the last key block (the only one that can be short) in flight together.
@@ -126,7 +131,9 @@ struct FlashFwdKernelSm80 {
                       head_dim);
       cp_async_fence();
 
-      auto step = [&](int n_block, auto needs_mask) {
+      // Forced inline: step is called from several loops, and an outlined step would take the register
+      // fragments it captures by reference through local memory.
+      auto step = [&](int n_block, auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
         Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
         clear(acc_s);
         cp_async_wait<0>();
@@ -136,6 +143,10 @@ struct FlashFwdKernelSm80 {
         cp_async_fence();
 
         gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_tiled_copy_q, smem_tiled_copy_k, tidx);
+        if constexpr (kModifiers) {  // before the mask: it must leave -inf, not tanh(-inf)
+          modifiers.apply<false>(acc_s, acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM,
+                                 kBlockN, mask.diagonal_offset());
+        }
         if constexpr (decltype(needs_mask)::value) { mask.apply(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block); }
 
         cp_async_wait<0>();
@@ -146,19 +157,31 @@ struct FlashFwdKernelSm80 {
         }
 
         softmax.update(acc_s, acc_o);
+        // Dropout after the row sums: the normaliser counts every probability, kept or not.
+        if (kModifiers && dropout.on) {
+          dropout.apply<false>(acc_s, tScS0, m_block * kBlockM + score_row_base, n_block * kBlockN + score_col_base);
+        }
         Tensor rP = convert_fragment<Element>(acc_s);
         Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
         gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
       };
 
-      // The highest key blocks straddle the diagonal or the sequence end: masked. The rest run bare.
+      // The highest key blocks straddle the diagonal or the sequence end, the lowest (sliding window)
+      // the window's left edge: those are masked. The middle runs bare.
       int const n_block_unmasked_end = max(mask.n_block_unmasked_end(m_block), n_block_min);
       for (; n_block >= n_block_unmasked_end; --n_block) { step(n_block, cute::true_type{}); }
-      for (; n_block >= n_block_min; --n_block) { step(n_block, cute::false_type{}); }
+      if constexpr (Mask::kHasLeft) {
+        int const n_block_unmasked_begin = max(mask.n_block_unmasked_begin(m_block), n_block_min);
+        for (; n_block >= n_block_unmasked_begin; --n_block) { step(n_block, cute::false_type{}); }
+        for (; n_block >= n_block_min; --n_block) { step(n_block, cute::true_type{}); }
+      } else {
+        for (; n_block >= n_block_min; --n_block) { step(n_block, cute::false_type{}); }
+      }
     }
 
     // Epilogue: normalise, write lse, stage O through shared memory for 16-byte global stores.
-    Tensor lse = softmax.finalize(acc_o, params.softmax_scale);
+    // Kept probabilities are scaled by 1 / (1 - p) with the normalisation.
+    Tensor lse = softmax.finalize(acc_o, params.softmax_scale, kModifiers ? dropout.keep_scale : 1.f);
     Tensor rO = convert_fragment<Element>(acc_o);
 
     Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});

@@ -14,16 +14,17 @@ struct FwdKernel {
   DType dtype;
   int head_dim;
   MaskMode mask;
+  bool modifiers;
   cudaError_t (*run)(FwdParams const&, cudaStream_t);
   int (*smem_bytes)();
 };
 
-#define FLASH_ATTN2_FWD_KERNEL(DTYPE, HDIM, MASK)                                         \
-  FwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, &run_fwd<DType::DTYPE, HDIM, MaskMode::MASK>, \
-            &fwd_smem_bytes<DType::DTYPE, HDIM, MaskMode::MASK>},
+#define FLASH_ATTN2_FWD_KERNEL(DTYPE, HDIM, MASK, MODIFIERS)                                                \
+  FwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS, &run_fwd<DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS>, \
+            &fwd_smem_bytes<DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS>},
 FwdKernel const kFwdKernels[] = {
 #include "instantiations/fwd_table.inc"
-    FwdKernel{DType::kBf16, 0, MaskMode::kNone, nullptr, nullptr},  // sentinel: the table may be empty
+    FwdKernel{DType::kBf16, 0, MaskMode::kNone, false, nullptr, nullptr},  // sentinel: the table may be empty
 };
 #undef FLASH_ATTN2_FWD_KERNEL
 
@@ -31,30 +32,37 @@ struct BwdKernel {
   DType dtype;
   int head_dim;
   MaskMode mask;
+  bool modifiers;
   cudaError_t (*run)(BwdKernelParams const&, cudaStream_t);
   BwdKernelInfo (*info)();
 };
 
-#define FLASH_ATTN2_BWD_KERNEL(DTYPE, HDIM, MASK)                                         \
-  BwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, &run_bwd<DType::DTYPE, HDIM, MaskMode::MASK>, \
-            &bwd_kernel_info<DType::DTYPE, HDIM, MaskMode::MASK>},
+#define FLASH_ATTN2_BWD_KERNEL(DTYPE, HDIM, MASK, MODIFIERS)                                                \
+  BwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS, &run_bwd<DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS>, \
+            &bwd_kernel_info<DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS>},
 BwdKernel const kBwdKernels[] = {
 #include "instantiations/bwd_table.inc"
-    BwdKernel{DType::kBf16, 0, MaskMode::kNone, nullptr, nullptr},  // sentinel
+    BwdKernel{DType::kBf16, 0, MaskMode::kNone, false, nullptr, nullptr},  // sentinel
 };
 #undef FLASH_ATTN2_BWD_KERNEL
 
 char const* dtype_name(DType d) { return d == DType::kFp16 ? "fp16" : "bf16"; }
-char const* mask_name(MaskMode m) { return m == MaskMode::kCausal ? "causal" : "none"; }
+char const* mask_name(MaskMode m) {
+  return m == MaskMode::kCausal ? "causal" : m == MaskMode::kLocal ? "local" : "none";
+}
+char const* modifiers_name(bool modifiers) { return modifiers ? "mod" : "plain"; }
 
 constexpr int kMaxHeadDim = 256;
 
-// A head dim runs on the smallest built kernel of its (dtype, mask) whose head dim is >= it.
+// A head dim runs on the smallest built kernel of its (dtype, mask, modifiers) whose head dim is >= it.
 template <class Kernel, size_t N>
 Kernel const* smallest_fitting(Kernel const (&table)[N], FwdParams const& p) {
   Kernel const* best = nullptr;
   for (Kernel const& k : table) {
-    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.head_dim < p.head_dim) { continue; }
+    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.modifiers != p.has_modifiers() ||
+        k.head_dim < p.head_dim) {
+      continue;
+    }
     if (best == nullptr || k.head_dim < best->head_dim) { best = &k; }
   }
   return best;
@@ -64,7 +72,8 @@ template <class Kernel, size_t N>
 void list_kernels(std::string& lines, char const* direction, Kernel const (&table)[N]) {
   for (Kernel const& k : table) {
     if (k.run == nullptr) { continue; }
-    lines += str_cat(direction, " ", dtype_name(k.dtype), " ", k.head_dim, " ", mask_name(k.mask), "\n");
+    lines += str_cat(direction, " ", dtype_name(k.dtype), " ", k.head_dim, " ", mask_name(k.mask), " ",
+                     modifiers_name(k.modifiers), "\n");
   }
 }
 
@@ -93,8 +102,9 @@ Status check_smem(char const* direction, int head_dim, int smem_bytes) {
 // Why no kernel of `direction` serves p; built_kernels() is declared in flash_attn2.h.
 std::string missing_kernel_message(char const* direction, FwdParams const& p) {
   return str_cat("flash_attn2: no ", direction, " kernel was built for dtype ", dtype_name(p.dtype), ", head dim ",
-                 p.head_dim, ", mask ", mask_name(p.mask), ". Built:\n", built_kernels(),
-                 "Rebuild with FLASH_ATTN2_HEAD_DIMS / FLASH_ATTN2_DTYPES covering it (unset builds all).");
+                 p.head_dim, ", mask ", mask_name(p.mask), ", modifiers ", modifiers_name(p.has_modifiers()),
+                 ". Built:\n", built_kernels(),
+                 "Rebuild with FLASH_ATTN2_HEAD_DIMS / _DTYPES / _MASKS / _MODIFIERS covering it (unset builds all).");
 }
 
 }  // namespace
@@ -127,6 +137,25 @@ Status check_params(FwdParams const& p, BwdParams const* bwd) {
   }
   if (!(p.softmax_scale > 0.f && std::isfinite(p.softmax_scale))) {
     return {str_cat("flash_attn2: softmax_scale must be positive and finite, got ", p.softmax_scale)};
+  }
+  if (p.mask != MaskMode::kNone && p.mask != MaskMode::kCausal && p.mask != MaskMode::kLocal) {
+    return {str_cat("flash_attn2: unknown mask mode ", int(p.mask))};
+  }
+  if (p.mask == MaskMode::kLocal && (p.window_left < -1 || p.window_right < -1)) {
+    return {str_cat("flash_attn2: window sizes must be >= 0, or -1 for unbounded; got (", p.window_left, ", ",
+                    p.window_right, ")")};
+  }
+  if (!(p.softcap >= 0.f && std::isfinite(p.softcap))) {
+    return {str_cat("flash_attn2: softcap must be >= 0 and finite (0 is off), got ", p.softcap)};
+  }
+  if (!(p.dropout_p >= 0.f && p.dropout_p < 1.f)) {
+    return {str_cat("flash_attn2: dropout_p must be in [0, 1), got ", p.dropout_p)};
+  }
+  if (p.dropout_p > 0.f && (p.rng_state == nullptr || reinterpret_cast<uintptr_t>(p.rng_state) % 8 != 0)) {
+    return {"flash_attn2: dropout needs rng_state: a device pointer to 2 uint64 (seed, offset), 8-byte aligned"};
+  }
+  if (p.alibi_slopes != nullptr && (reinterpret_cast<uintptr_t>(p.alibi_slopes) % 4 != 0 || p.alibi_slopes_batch_stride < 0)) {
+    return {"flash_attn2: alibi_slopes must be a 4-byte aligned fp32 device pointer with a batch stride >= 0"};
   }
   // Per operand: offsets inside one tile are 32-bit in the kernels (tiles have at most kMaxTileRows rows),
   // and 16-byte (8-element) vector loads and stores need every tensor to start on 16 bytes and to step

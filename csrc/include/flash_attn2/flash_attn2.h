@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -30,7 +31,9 @@ struct Status {
   bool ok() const { return message.empty(); }
 };
 
-// Forward attention: out = softmax(q k^T * softmax_scale) v per (batch, head), with the mask of p.mask.
+// Forward attention: out = softmax(q k^T * softmax_scale) v per (batch, head), with the mask of p.mask
+// (and p.window_left/right for MaskMode::kLocal) and the score modifiers of p (softcap, alibi_slopes,
+// dropout_p with rng_state; params.h).
 //   q:   (batch, seqlen_q, num_heads, head_dim)      p.q,   strides q_*_stride, head-dim stride 1
 //   k,v: (batch, seqlen_k, num_heads_k, head_dim)    p.k/v, strides k_*/v_*_stride
 //   out: (batch, seqlen_q, num_heads, head_dim)      p.out, caller-allocated, same dtype as q
@@ -70,7 +73,14 @@ Status bwd(BwdParams const& params, cudaStream_t stream);
 // current device's SM count, so query it with the device current that will run bwd.
 size_t bwd_workspace_bytes(BwdParams const& params);
 
-// The compiled kernels, one per line: "<fwd|bwd> <fp16|bf16> <head dim> <none|causal>".
+// The compiled kernels, one per line: "<fwd|bwd> <fp16|bf16> <head dim> <none|causal|local> <plain|mod>"
+// ("mod": the kernels that apply softcap, ALiBi and dropout).
 std::string built_kernels();
+
+// The dropout keep mask fwd and bwd apply for p's dropout_p, rng_state, sizes and cu_seqlens: keep[b][h][i][j]
+// = 1 where score (i, j) of (batch b, head h) is kept, as uint8 (batch, num_heads, seqlen_q, seqlen_k),
+// contiguous, caller-allocated (with cu_seqlens, seqlen_q/k are the bounds and entries past a sequence
+// are 0). For tests and debugging: it is N x N.
+Status dropout_mask(FwdParams const& params, uint8_t* keep, cudaStream_t stream);
 
 }  // namespace flash_attn2

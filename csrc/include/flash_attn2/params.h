@@ -12,7 +12,10 @@ enum class DType : int { kFp16 = 0, kBf16 = 1 };
 // Which keys a query row may see. Mutually exclusive modes are one enum, not a soup of bools.
 //   kNone:   every key.
 //   kCausal: key j is visible to row i iff j <= i + seqlen_k - seqlen_q (bottom-right aligned).
-enum class MaskMode : int { kNone = 0, kCausal = 1 };
+//   kLocal:  sliding window: key j is visible to row i iff
+//            i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right,
+//            a negative window side being unbounded (causal with a window: window_right = 0).
+enum class MaskMode : int { kNone = 0, kCausal = 1, kLocal = 2 };
 
 // Forward attention on dense (batch, seqlen, heads, head_dim) tensors.
 // Strides are in elements; the head_dim stride is 1 for every tensor.
@@ -49,6 +52,29 @@ struct FwdParams {
 
   DType dtype = DType::kBf16;
   MaskMode mask = MaskMode::kNone;
+  // kLocal only: the window's extent to the left and right of the diagonal; -1 is unbounded.
+  int window_left = -1;
+  int window_right = -1;
+
+  // Score modifiers, each off at its default. They run on the kernels built with modifiers (the plain
+  // kernels serve calls that use none of them).
+  // Logit softcapping: the scaled score z becomes softcap * tanh(z / softcap). 0 is off.
+  float softcap = 0.f;
+  // ALiBi: -slope * |i + seqlen_k - seqlen_q - j| is added to the (softcapped) scaled score. fp32 device
+  // pointer; slope of (batch b, head h) = alibi_slopes[b * alibi_slopes_batch_stride + h] (stride 0:
+  // one slope per head for every batch). nullptr is off.
+  float const* __restrict__ alibi_slopes = nullptr;
+  int64_t alibi_slopes_batch_stride = 0;
+  // Dropout on the probabilities: each is kept with probability 1 - dropout_p and scaled by
+  // 1 / (1 - dropout_p). The keep mask is a Philox4x32-10 stream keyed by rng_state[0] (the seed) at a
+  // counter made of the score's coordinates and rng_state[1] (the offset), so the backward pass regenerates the same
+  // mask from the same rng_state: a device pointer to 2 uint64, read by the kernels (never by the host,
+  // so a CUDA graph can replay a step with a new seed). 0 is off.
+  float dropout_p = 0.f;
+  uint64_t const* __restrict__ rng_state = nullptr;
+
+  // Whether a kernel with the score modifiers must run.
+  bool has_modifiers() const { return softcap > 0.f || alibi_slopes != nullptr || dropout_p > 0.f; }
 };
 
 // Backward attention: the forward's inputs (FwdParams part: q, k, v, out, softmax_lse, strides, sizes,
