@@ -111,7 +111,7 @@ if [ "${SANITIZE:-0}" = "1" ]; then
     sanitizer="$cuda_home/bin/compute-sanitizer"
   fi
   : > "$OUT_DIR/sanitize.log"
-  for script in sanitize_fwd sanitize_bwd; do
+  for script in sanitize_fwd sanitize_bwd sanitize_modifiers; do
     for tool in memcheck racecheck; do
       start=$SECONDS
       echo "-- $script $tool" | tee -a "$OUT_DIR/sanitize.log"
