@@ -43,6 +43,10 @@ BATCH = 2
 NHEADS = 4
 OUT_ATOL = 1e-5
 LSE_TOLERANCE = {"rtol": 1e-3, "atol": 1e-3}
+MODIFIER_GRAD_ERROR_RATIO = 3.0
+"""Gradients with modifiers use flash-attn's own gradient rule, 3x PyTorch's error (its tests use 3x for
+dq, dk, dv; test_backward_gpu.py holds the plain kernels to 2x). Measured on an H200: one case of 360 sat
+at 2.15x (fp16, hdim 64, ALiBi (batch, nheads) with GQA and s_q > s_k, dv)."""
 ALIBI_MAX_SLOPE = 0.25
 """Slopes are uniform in [0, 0.25): the range of the standard ALiBi slopes for 4 to 8 heads (1/4 ... 1/256)."""
 
@@ -294,7 +298,7 @@ def check_dense_backward(dtype, head_dim, seqlen_q, seqlen_k, nheads_k, mods, de
         assert grad.shape == like.shape and grad.dtype == like.dtype, f"{name}: {grad.shape} {grad.dtype}"
     grads32, grads_lowp = reference_grads(reference, q, k, v, grad_out)
     for name, grad, ref32, lowp in zip(("dq", "dk", "dv"), grads, grads32, grads_lowp):
-        assert_grad_within_rule(name, grad, ref32, lowp)
+        assert_grad_within_rule(name, grad, ref32, lowp, ratio=MODIFIER_GRAD_ERROR_RATIO)
     assert_unreached_grads_zero(grads, visible_keys(mods, seqlen_q, seqlen_k))
 
 
@@ -505,12 +509,18 @@ def test_varlen_backward_matches_reference(dtype, head_dim, case, deterministic)
         return attention_ref_varlen(q, k, v, cu_q, cu_k, upcast=upcast, **reference_kwargs(mods, alibi, keep))[0]
 
     grads32, grads_lowp = reference_grads(reference, q, k, v, grad_out)
+    # flash-attn's rule is over the whole tensor: each sequence's error is held to PyTorch's error on the
+    # packed batch. A per-sequence baseline fails where the exact gradient is 0: with one key and dropout,
+    # PyTorch's dq is exactly 0 while the FA2 backward's D = rowsum(dO o O) carries O's rounding to the
+    # input dtype (O = v / (1 - p) is not exact), so dS = P (dP - D) is a few ulps of dP instead of 0.
+    baselines = [(lowp.float() - ref32).abs().max().item() for lowp, ref32 in zip(grads_lowp, grads32)]
     for b, rows_q, rows_k, len_q, len_k in sequences():
         rows = {"dq": rows_q, "dk": rows_k, "dv": rows_k}
         for i, name in enumerate(("dq", "dk", "dv")):
             r = rows[name]
             assert_grad_within_rule(f"{name} of sequence {b} (lengths q {len_q}, k {len_k})",
-                                    grads[i][r], grads32[i][r], grads_lowp[i][r])
+                                    grads[i][r], grads32[i][r], grads_lowp[i][r], baseline=baselines[i],
+                                    ratio=MODIFIER_GRAD_ERROR_RATIO)
         assert_unreached_grads_zero([g[r] for g, r in zip(grads, (rows_q, rows_k, rows_k))],
                                     visible_keys(mods, len_q, len_k), seq_dim=0)
 
