@@ -14,7 +14,7 @@ namespace flash_attn2 {
 
 template <DType kDType, int kHeadDim, MaskMode kMask, bool kModifiers>
 cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream) {
-  using Traits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask>;
+  using Traits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, kModifiers>;
   using Kernel = FlashFwdKernelSm80<Traits, kMask, kModifiers>;
   auto kernel = &device_kernel<Kernel, FwdParams>;
   constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
@@ -31,7 +31,7 @@ cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream) {
 
 template <DType kDType, int kHeadDim, MaskMode kMask, bool kModifiers>
 int fwd_smem_bytes() {
-  return FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask>::kSmemBytes;
+  return FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, kModifiers>::kSmemBytes;
 }
 
 }  // namespace flash_attn2
