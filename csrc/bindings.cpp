@@ -23,12 +23,19 @@ TORCH_LIBRARY(flash_attn2, m) {
   m.def(
       "dropout_mask(Tensor rng_state, int batch, int num_heads, int seqlen_q, int seqlen_k, float dropout_p, "
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> Tensor");
+  // Attention over a KV cache, forward only; appends k, v to the caches in place (hence the (a!), (b!)).
+  m.def(
+      "fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor? rotary_cos, "
+      "Tensor? rotary_sin, Tensor cache_seqlens, Tensor? cache_batch_idx, Tensor? cache_leftpad, "
+      "Tensor? block_table, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
+      "bool rotary_interleaved, Tensor? alibi_slopes, int num_splits) -> (Tensor out, Tensor softmax_lse)");
 }
 
 TORCH_LIBRARY_IMPL(flash_attn2, CUDA, m) {
   m.impl("fwd", &flash_attn2::mha_fwd);
   m.impl("bwd", &flash_attn2::mha_bwd);
   m.impl("dropout_mask", &flash_attn2::mha_dropout_mask);
+  m.impl("fwd_kvcache", &flash_attn2::mha_fwd_kvcache);
 }
 
 // `import flash_attn2._C` loads this library, which registers the ops above. The module itself offers

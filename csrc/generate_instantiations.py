@@ -6,9 +6,12 @@ variables) and writes one small .cu per instantiation, so builds run in parallel
 table that csrc/launch/dispatch.cpp includes. File axes: direction, dtype, head dim, mask, modifiers; the
 arch is a compiler flag (the same mma.sync code serves sm80 and sm90).
 
-Kernel count: 2 directions x 2 dtypes x 6 head dims x 3 masks x 2 (plain, with modifiers) = 144.
-The modifiers axis (softcap, ALiBi and dropout, switched at run time inside the "mod" kernels) doubles
-the count once instead of three times over; the plain kernels keep the common path free of it.
+Kernel count: 2 directions x 2 dtypes x 6 head dims x 3 masks x 2 (plain, with modifiers) = 144, plus
+the KV-cache forward kernels (flash_attn_with_kvcache): 2 dtypes x 6 head dims x 3 masks = 36, all with
+the modifiers (decoding is bound by the cache's bytes, so softcap and ALiBi stay run-time switches there),
+180 in all. The modifiers axis (softcap, ALiBi and dropout, switched at run time inside the "mod"
+kernels) doubles the count once instead of three times over; the plain kernels keep the common path free
+of it.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ DTYPES = {"fp16": "kFp16", "bf16": "kBf16"}
 MASKS = {"none": "kNone", "causal": "kCausal", "local": "kLocal"}
 # "mod": softcap, ALiBi and dropout compiled in, each switched by its runtime parameter.
 MODIFIERS = {"plain": "false", "mod": "true"}
-DIRECTIONS = ("fwd", "bwd")
+DIRECTIONS = ("fwd", "bwd", "kvcache")
 
 TABLE_NAMES = {direction: f"{direction}_table.inc" for direction in DIRECTIONS}
 
@@ -42,7 +45,8 @@ class Instantiation:
         return f"flash_{self.direction}_sm80_{self.dtype}_hdim{self.head_dim}_{self.mask}{suffix}.cu"
 
     def template_args(self) -> str:
-        return f"DType::{DTYPES[self.dtype]}, {self.head_dim}, MaskMode::{MASKS[self.mask]}, {MODIFIERS[self.modifiers]}"
+        args = f"DType::{DTYPES[self.dtype]}, {self.head_dim}, MaskMode::{MASKS[self.mask]}"
+        return args if self.direction == "kvcache" else f"{args}, {MODIFIERS[self.modifiers]}"
 
     def source(self) -> str:
         args = self.template_args()
@@ -52,6 +56,13 @@ class Instantiation:
                 "namespace flash_attn2 {\n"
                 f"template cudaError_t run_fwd<{args}>(FwdParams const&, cudaStream_t);\n"
                 f"template int fwd_smem_bytes<{args}>();\n"
+            )
+        elif self.direction == "kvcache":
+            body = (
+                '#include "launch/run_kvcache.h"\n\n'
+                "namespace flash_attn2 {\n"
+                f"template cudaError_t run_kvcache<{args}>(KVCacheParams const&, cudaStream_t);\n"
+                f"template KVCacheKernelInfo kvcache_kernel_info<{args}>();\n"
             )
         else:
             body = (
@@ -64,6 +75,8 @@ class Instantiation:
 
     def table_entry(self) -> str:
         macro = f"FLASH_ATTN2_{self.direction.upper()}_KERNEL"
+        if self.direction == "kvcache":
+            return f"{macro}({DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]})\n"
         return f"{macro}({DTYPES[self.dtype]}, {self.head_dim}, {MASKS[self.mask]}, {MODIFIERS[self.modifiers]})\n"
 
 
@@ -88,28 +101,31 @@ def _parse_list(value: str | None, valid: Iterable, name: str, convert=str) -> l
 
 def parse_env(environ: Mapping[str, str] = os.environ) -> dict:
     """FLASH_ATTN2_HEAD_DIMS="64,128", FLASH_ATTN2_DTYPES="bf16", FLASH_ATTN2_MASKS="none,causal",
-    FLASH_ATTN2_MODIFIERS="plain"; unset or "all" builds everything."""
+    FLASH_ATTN2_MODIFIERS="plain", FLASH_ATTN2_DIRECTIONS="fwd,kvcache"; unset or "all" builds everything."""
     return dict(
         head_dims=_parse_list(environ.get("FLASH_ATTN2_HEAD_DIMS"), HEAD_DIMS, "FLASH_ATTN2_HEAD_DIMS", int),
         dtypes=_parse_list(environ.get("FLASH_ATTN2_DTYPES"), DTYPES, "FLASH_ATTN2_DTYPES"),
         masks=_parse_list(environ.get("FLASH_ATTN2_MASKS"), MASKS, "FLASH_ATTN2_MASKS"),
         modifiers=_parse_list(environ.get("FLASH_ATTN2_MODIFIERS"), MODIFIERS, "FLASH_ATTN2_MODIFIERS"),
+        directions=_parse_list(environ.get("FLASH_ATTN2_DIRECTIONS"), DIRECTIONS, "FLASH_ATTN2_DIRECTIONS"),
     )
 
 
 def select(head_dims: list[int] | None = None, dtypes: list[str] | None = None, masks: list[str] | None = None,
-           modifiers: list[str] | None = None) -> list[Instantiation]:
+           modifiers: list[str] | None = None, directions: list[str] | None = None) -> list[Instantiation]:
     head_dims = list(HEAD_DIMS) if head_dims is None else head_dims
     dtypes = list(DTYPES) if dtypes is None else dtypes
     masks = list(MASKS) if masks is None else masks
     modifiers = list(MODIFIERS) if modifiers is None else modifiers
+    directions = list(DIRECTIONS) if directions is None else directions
     return sorted(
         Instantiation(direction, dtype, hdim, mask, mod)
-        for direction in DIRECTIONS
+        for direction in directions
         for dtype in dtypes
         for hdim in head_dims
         for mask in masks
         for mod in modifiers
+        if direction != "kvcache" or mod == "mod"  # the KV-cache kernels exist only with the modifiers
     )
 
 
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = _parse_list(args.dtypes, DTYPES, "--dtypes") if args.dtypes else env["dtypes"]
     masks = _parse_list(args.masks, MASKS, "--masks") if args.masks else env["masks"]
     modifiers = _parse_list(args.modifiers, MODIFIERS, "--modifiers") if args.modifiers else env["modifiers"]
-    paths = write(args.out, select(head_dims, dtypes, masks, modifiers))
+    paths = write(args.out, select(head_dims, dtypes, masks, modifiers, env["directions"]))
     if args.list:
         print("\n".join(paths))
     return 0

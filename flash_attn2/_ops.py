@@ -1,6 +1,7 @@
 """The bridge to the compiled extension ``flash_attn2._C``.
 
-Importing ``_C`` registers the ops ``torch.ops.flash_attn2.fwd``, ``bwd`` and ``dropout_mask``; the
+Importing ``_C`` registers the ops ``torch.ops.flash_attn2.fwd``, ``bwd``, ``dropout_mask`` and
+``fwd_kvcache``; the
 plain function ``_C.built_kernels()`` lists the compiled kernels (it takes no tensors, so it is not an op).
 This module remembers whether the import worked (``import flash_attn2`` must work without it, e.g.
 on CPU-only machines), reads back which kernels the build contains, registers the fake (meta)
@@ -23,8 +24,8 @@ else:
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 """The dtypes the kernels are built for, by the names ``built_kernels()`` uses."""
 
-DIRECTIONS = ("fwd", "bwd")
-"""The first field of a ``built_kernels()`` line: forward or backward kernel."""
+DIRECTIONS = ("fwd", "bwd", "kvcache")
+"""The first field of a ``built_kernels()`` line: forward, backward, or KV-cache (forward) kernel."""
 
 MASKS = ("none", "causal", "local")
 """The mask field: every key, bottom-right causal, sliding window (which also serves causal + window)."""
@@ -76,8 +77,8 @@ def _check_direction(direction: str) -> None:
 
 
 def parse_built_kernels(text: str, direction: str = "fwd") -> frozenset:
-    """Parse the lines ``<direction> <dtype> <hdim> <mask> <modifiers>`` of ``built_kernels()`` (direction ``fwd`` or
-    ``bwd``) and return the KernelKeys of ``direction``.
+    """Parse the lines ``<direction> <dtype> <hdim> <mask> <modifiers>`` of ``built_kernels()`` (direction one of
+    DIRECTIONS) and return the KernelKeys of ``direction``.
 
     Every line of a known direction is checked, whichever is asked for: a malformed one is an error,
     because a misread build would make dispatch refuse or accept the wrong calls. Lines of other
@@ -99,7 +100,7 @@ def parse_built_kernels(text: str, direction: str = "fwd") -> frozenset:
 
 @functools.cache
 def built_kernels(direction: str = "fwd") -> frozenset:
-    """The kernels this build compiled for ``direction`` (``"fwd"``, the default, or ``"bwd"``), as a
+    """The kernels this build compiled for ``direction`` (``"fwd"``, the default, ``"bwd"`` or ``"kvcache"``), as a
     frozenset of KernelKey (empty without ``_C``)."""
     _check_direction(direction)
     if _C is None:
@@ -260,7 +261,33 @@ def bwd(dout, q, k, v, out, softmax_lse, softmax_scale: float, causal: bool, det
                                      window_right, softcap, alibi_slopes, dropout_p, rng_state)
 
 
+def fwd_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                block_table, softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                rotary_interleaved: bool, alibi_slopes, num_splits: int):
+    """``torch.ops.flash_attn2.fwd_kvcache``: appends k, v (rotated) to the caches in place, then attends q to
+    each sequence's cached keys; returns ``(out, lse)``, out like q, lse float32 (b, h, s_q). Arguments as in
+    ``flash_attn_with_kvcache`` (``cache_seqlens`` always an int32 tensor here). Raises a RuntimeError saying
+    how to build if ``_C`` is absent."""
+    if _C is None:
+        raise RuntimeError(_missing_extension_message())
+    if q.numel() == 0:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return torch.ops.flash_attn2.fwd_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                             cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+                                             window_left, window_right, softcap, rotary_interleaved, alibi_slopes,
+                                             num_splits)
+
+
 if _C is not None:
+
+    @torch.library.register_fake("flash_attn2::fwd_kvcache")
+    def _fwd_kvcache_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                          cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap,
+                          rotary_interleaved, alibi_slopes, num_splits):
+        """Shapes of the op's outputs: ``out`` like q but contiguous, ``lse`` float32 (b, h, s_q); the caches
+        are mutated in place (the schema says so), so nothing else is returned."""
+        return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
     @torch.library.register_fake("flash_attn2::fwd")
     def _fwd_fake(q, k, v, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,

@@ -292,4 +292,194 @@ at::Tensor mha_dropout_mask(at::Tensor const& rng_state, int64_t batch, int64_t 
   return keep;
 }
 
+namespace {
+
+void check_index_vector(std::optional<at::Tensor> const& t, char const* name, at::Tensor const& q, int64_t batch) {
+  if (!t.has_value()) { return; }
+  TORCH_CHECK(t->device() == q.device() && t->scalar_type() == at::kInt && t->dim() == 1 && t->numel() == batch &&
+                  t->is_contiguous(),
+              str_cat("flash_attn2: ", name, " must be a contiguous int32 tensor of shape (batch,) = (", batch,
+                      ",) on q's device"));
+}
+
+int const* ptr_or_null(std::optional<at::Tensor> const& t) { return t.has_value() ? t->data_ptr<int>() : nullptr; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mha_fwd_kvcache(
+    at::Tensor const& q, at::Tensor const& k_cache, at::Tensor const& v_cache, std::optional<at::Tensor> const& k,
+    std::optional<at::Tensor> const& v, std::optional<at::Tensor> const& rotary_cos,
+    std::optional<at::Tensor> const& rotary_sin, at::Tensor const& cache_seqlens,
+    std::optional<at::Tensor> const& cache_batch_idx, std::optional<at::Tensor> const& cache_leftpad,
+    std::optional<at::Tensor> const& block_table, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, bool rotary_interleaved, std::optional<at::Tensor> const& alibi_slopes,
+    int64_t num_splits) {
+  check_qkv(q, "q", q, 4);
+  check_qkv(k_cache, "k_cache", q, 4);
+  check_qkv(v_cache, "v_cache", q, 4);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
+              "flash_attn2: k_cache and v_cache must have the same shape and strides");
+  int64_t const batch = q.size(0), seqlen_q = q.size(1), num_heads = q.size(2), head_dim = q.size(3);
+  int64_t const num_heads_k = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim, str_cat("flash_attn2: head_dim of the cache (", k_cache.size(3),
+                                                   ") differs from q (", head_dim, ")"));
+  TORCH_CHECK(num_heads_k > 0 && num_heads % num_heads_k == 0,
+              str_cat("flash_attn2: num_heads (", num_heads, ") must be a multiple of the cache's (", num_heads_k, ")"));
+  bool const paged = block_table.has_value();
+  int64_t capacity = k_cache.size(1);
+  if (paged) {
+    at::Tensor const& bt = *block_table;
+    TORCH_CHECK(bt.device() == q.device() && bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == batch &&
+                    bt.stride(1) == 1,
+                str_cat("flash_attn2: block_table must be int32 (batch, max_pages) = (", batch,
+                        ", ...) on q's device, contiguous in its last dim"));
+    capacity = bt.size(1) * k_cache.size(1);
+    TORCH_CHECK(!cache_batch_idx.has_value() && !cache_leftpad.has_value(),
+                "flash_attn2: cache_batch_idx and cache_leftpad are not supported with block_table");
+  }
+  TORCH_CHECK(capacity <= INT32_MAX, "flash_attn2: the cache holds too many rows per sequence (>= 2^31)");
+  check_index_vector(cache_seqlens, "cache_seqlens", q, batch);
+  check_index_vector(cache_batch_idx, "cache_batch_idx", q, batch);
+  check_index_vector(cache_leftpad, "cache_leftpad", q, batch);
+  TORCH_CHECK(k.has_value() == v.has_value(), "flash_attn2: give both k and v, or neither");
+  int64_t const seqlen_new = k.has_value() ? k->size(1) : 0;
+  if (k.has_value()) {
+    check_qkv(*k, "k", q, 4);
+    check_qkv(*v, "v", q, 4);
+    TORCH_CHECK(k->sizes() == v->sizes() && k->size(0) == batch && k->size(2) == num_heads_k && k->size(3) == head_dim,
+                str_cat("flash_attn2: k and v must be (batch, seqlen_new, nheads_k, head_dim) = (", batch,
+                        ", s_new, ", num_heads_k, ", ", head_dim, ")"));
+    TORCH_CHECK(seqlen_new <= capacity, str_cat("flash_attn2: ", seqlen_new, " new keys do not fit a cache of ",
+                                                capacity, " rows per sequence"));
+  }
+  TORCH_CHECK(rotary_cos.has_value() == rotary_sin.has_value(), "flash_attn2: give both rotary_cos and rotary_sin, or neither");
+  int64_t rotary_dim = 0;
+  if (rotary_cos.has_value()) {
+    at::Tensor const& c = *rotary_cos;
+    at::Tensor const& sn = *rotary_sin;
+    TORCH_CHECK(c.device() == q.device() && c.scalar_type() == q.scalar_type() && c.dim() == 2 && c.is_contiguous() &&
+                    sn.sizes() == c.sizes() && sn.scalar_type() == c.scalar_type() && sn.device() == c.device() &&
+                    sn.is_contiguous(),
+                "flash_attn2: rotary_cos and rotary_sin must be contiguous (seqlen_ro, rotary_dim / 2) tensors of q's "
+                "dtype on q's device");
+    rotary_dim = 2 * c.size(1);
+    TORCH_CHECK(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 16 == 0,
+                str_cat("flash_attn2: rotary_dim (", rotary_dim, ") must be a positive multiple of 16 <= head_dim"));
+    TORCH_CHECK(c.size(0) >= capacity, str_cat("flash_attn2: rotary_cos/sin have ", c.size(0),
+                                               " positions; the cache needs ", capacity));
+  }
+
+  c10::cuda::CUDAGuard device_guard(q.device());
+  cudaStream_t const stream = c10::cuda::getCurrentCUDAStream().stream();
+  DType const dtype = dtype_of(q);
+
+  // 1. The append (and q's rotation), in place.
+  KVCacheAppendParams a;
+  a.dtype = dtype;
+  a.batch = int(batch);
+  a.seqlen_new = int(seqlen_new);
+  a.num_heads = int(num_heads);
+  a.num_heads_k = int(num_heads_k);
+  a.head_dim = int(head_dim);
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  set_strides(k_cache, false, a.k_cache_batch_stride, a.k_cache_row_stride, a.k_cache_head_stride);
+  set_strides(v_cache, false, a.v_cache_batch_stride, a.v_cache_row_stride, a.v_cache_head_stride);
+  a.capacity = int(capacity);
+  a.cache_batch = int(k_cache.size(0));
+  a.cache_seqlens = cache_seqlens.data_ptr<int>();
+  a.cache_batch_idx = ptr_or_null(cache_batch_idx);
+  a.cache_leftpad = ptr_or_null(cache_leftpad);
+  if (paged) {
+    a.block_table = block_table->data_ptr<int>();
+    a.block_table_batch_stride = block_table->stride(0);
+    a.page_size = int(k_cache.size(1));
+    a.num_pages = int(k_cache.size(0));
+  }
+  if (k.has_value()) {
+    a.k_new = k->data_ptr();
+    a.v_new = v->data_ptr();
+    set_strides(*k, false, a.k_new_batch_stride, a.k_new_row_stride, a.k_new_head_stride);
+    set_strides(*v, false, a.v_new_batch_stride, a.v_new_row_stride, a.v_new_head_stride);
+  }
+  at::Tensor q_attn = q;
+  if (rotary_dim > 0) {
+    q_attn = at::empty(q.sizes(), q.options());
+    a.seqlen_q = int(seqlen_q);
+    a.q = q.data_ptr();
+    a.q_rotated = q_attn.data_ptr();
+    set_strides(q, false, a.q_batch_stride, a.q_row_stride, a.q_head_stride);
+    set_strides(q_attn, false, a.q_rotated_batch_stride, a.q_rotated_row_stride, a.q_rotated_head_stride);
+    a.rotary_cos = rotary_cos->data_ptr();
+    a.rotary_sin = rotary_sin->data_ptr();
+    a.rotary_dim = int(rotary_dim);
+    a.seqlen_ro = int(rotary_cos->size(0));
+    a.rotary_interleaved = rotary_interleaved;
+    a.q_positions_advance = causal || window_left >= 0 || window_right >= 0;
+  }
+  if (seqlen_new > 0 || rotary_dim > 0) {
+    Status const appended = kvcache_append(a, stream);
+    TORCH_CHECK(appended.ok(), appended.message);
+  }
+
+  // 2. Attention over the cache. One query row attends alike whatever the causal flag (it sees every
+  // key), so decoding without a window packs the query heads of each KV head into the query tile: q
+  // (b, 1, h_k * g, d) viewed as (b, g, h_k, d), a strided view, reads every K/V tile once per group.
+  bool const one_row_causal = seqlen_q == 1 && causal;
+  bool const pack_gqa = seqlen_q == 1 && num_heads > num_heads_k && window_left < 0 &&
+                        (window_right < 0 || one_row_causal) && !alibi_slopes.has_value();
+  int64_t const group = num_heads / num_heads_k;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({batch, num_heads, seqlen_q}, q.options().dtype(at::kFloat));
+  if (pack_gqa && !q_attn.is_contiguous()) { q_attn = q_attn.contiguous(); }
+  at::Tensor q_view = pack_gqa ? q_attn.view({batch, num_heads_k, group, head_dim}).transpose(1, 2) : q_attn;
+  at::Tensor out_view = pack_gqa ? out.view({batch, num_heads_k, group, head_dim}).transpose(1, 2) : out;
+
+  KVCacheParams p;
+  p.q = q_view.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.out = out_view.data_ptr();
+  p.softmax_lse = lse.data_ptr<float>();
+  set_strides(q_view, false, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  set_strides(k_cache, false, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  set_strides(v_cache, false, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  set_strides(out_view, false, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+  p.batch = int(batch);
+  p.seqlen_q = int(pack_gqa ? group : seqlen_q);
+  p.seqlen_k = int(capacity);
+  p.num_heads = int(pack_gqa ? num_heads_k : num_heads);
+  p.num_heads_k = int(num_heads_k);
+  p.head_dim = int(head_dim);
+  p.softmax_scale = float(softmax_scale);
+  p.dtype = dtype;
+  set_mask(p, seqlen_q == 1 ? false : causal, window_left, one_row_causal && window_left < 0 ? -1 : window_right);
+  set_modifiers(p, q, softcap, alibi_slopes, 0.0, std::nullopt);
+  p.cache_seqlens = cache_seqlens.data_ptr<int>();
+  p.seqlen_new = int(seqlen_new);
+  p.cache_batch_idx = a.cache_batch_idx;
+  p.cache_batch = int(k_cache.size(0));
+  p.cache_leftpad = a.cache_leftpad;
+  if (paged) {
+    p.block_table = a.block_table;
+    p.block_table_batch_stride = a.block_table_batch_stride;
+    p.max_pages = int(block_table->size(1));
+    p.page_size = a.page_size;
+    p.num_pages = a.num_pages;
+  }
+  TORCH_CHECK(num_splits >= 0, str_cat("flash_attn2: num_splits must be >= 0 (0 chooses), got ", num_splits));
+  p.num_splits = int(std::min<int64_t>(num_splits, 256));
+  p.num_splits = kvcache_num_splits(p);
+  at::Tensor out_accum, lse_accum;
+  if (p.num_splits > 1) {
+    out_accum = at::empty({int64_t(kvcache_out_accum_floats(p))}, q.options().dtype(at::kFloat));
+    lse_accum = at::empty({int64_t(kvcache_lse_accum_floats(p))}, q.options().dtype(at::kFloat));
+    p.out_accum = out_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+  }
+  Status const status = fwd_kvcache(p, stream);
+  TORCH_CHECK(status.ok(), status.message);
+  return {out, lse};
+}
+
 }  // namespace flash_attn2

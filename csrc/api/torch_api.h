@@ -43,4 +43,18 @@ at::Tensor mha_dropout_mask(at::Tensor const& rng_state, int64_t batch, int64_t 
                         int64_t seqlen_k, double dropout_p, std::optional<at::Tensor> const& cu_seqlens_q,
                         std::optional<at::Tensor> const& cu_seqlens_k);
 
+// flash_attn_with_kvcache: appends k/v (b, s_new, h_k, d) to the caches in place at cache_seqlens (int32
+// (b,), the lengths before the append), rotating k (and q) when rotary_cos/sin are given, then attends q
+// (b, s_q, h, d) to each sequence's cached keys. Caches: dense (b_cache, s_cache, h_k, d), or paged
+// (num_pages, page_size, h_k, d) with block_table int32 (b, max_pages). num_splits: 0 chooses, 1 no split.
+// Returns out (b, s_q, h, d) and softmax_lse (b, h, s_q) fp32.
+std::tuple<at::Tensor, at::Tensor> mha_fwd_kvcache(
+    at::Tensor const& q, at::Tensor const& k_cache, at::Tensor const& v_cache, std::optional<at::Tensor> const& k,
+    std::optional<at::Tensor> const& v, std::optional<at::Tensor> const& rotary_cos,
+    std::optional<at::Tensor> const& rotary_sin, at::Tensor const& cache_seqlens,
+    std::optional<at::Tensor> const& cache_batch_idx, std::optional<at::Tensor> const& cache_leftpad,
+    std::optional<at::Tensor> const& block_table, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, bool rotary_interleaved, std::optional<at::Tensor> const& alibi_slopes,
+    int64_t num_splits);
+
 }  // namespace flash_attn2

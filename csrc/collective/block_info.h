@@ -42,6 +42,30 @@ struct FwdBlockInfo {
   }
 };
 
+// The KV-cache view: q, out and lse as a dense batch; keys from the cache row of the sequence, after
+// its left padding. For a paged cache k_offset / v_offset hold the head's offset only: each key's page
+// is looked up per row (KVCacheRows).
+struct KVCacheBlockInfo : FwdBlockInfo {
+  CUTE_DEVICE KVCacheBlockInfo(KVCacheParams const& p, int batch, int head)
+      : FwdBlockInfo(static_cast<FwdParams const&>(p), batch, head) {
+    int const head_k = head / (p.num_heads / p.num_heads_k);
+    int const leftpad = p.cache_leftpad == nullptr ? 0 : max(p.cache_leftpad[batch], 0);
+    // The append stops at the capacity (seqlen_k), so no key past it exists.
+    int const end = min(p.cache_seqlens[batch] + p.seqlen_new, p.seqlen_k);
+    seqlen_k = max(end - leftpad, 0);
+    if (p.block_table != nullptr) {
+      k_offset = head_k * p.k_head_stride;
+      v_offset = head_k * p.v_head_stride;
+    } else {
+      int const row = p.cache_batch_idx == nullptr ? batch : p.cache_batch_idx[batch];
+      if (row < 0 || row >= p.cache_batch) { seqlen_k = 0; }  // a bad index attends to nothing
+      int64_t const safe_row = row < 0 || row >= p.cache_batch ? 0 : row;
+      k_offset = safe_row * p.k_batch_stride + int64_t(leftpad) * p.k_row_stride + head_k * p.k_head_stride;
+      v_offset = safe_row * p.v_batch_stride + int64_t(leftpad) * p.v_row_stride + head_k * p.v_head_stride;
+    }
+  }
+};
+
 // The backward's view: the forward's offsets plus those of dout (like out) and of dk, dv. dk and dv are
 // indexed by the query head: with GQA they are per-query-head slices that the caller sums per group.
 struct BwdBlockInfo : FwdBlockInfo {

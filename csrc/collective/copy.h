@@ -32,4 +32,29 @@ CUTE_DEVICE void copy_tile(TiledCopy const& tiled_copy, TensorS const& src, Tens
   }
 }
 
+// copy_tile for a tile whose rows live at unrelated addresses (a paged KV cache): row r of the tile starts
+// at row_ptr(r), or is outside the source when that is nullptr (zero-filled, as copy_tile<true> does).
+// src_like is the same thread's partition of any strided tile with this tile's column layout: only its
+// per-access (CPY) layout is used, never its addresses.
+template <class TiledCopy, class TensorS, class TensorD, class TensorC, class RowPtr>
+CUTE_DEVICE void copy_rows(TiledCopy const& tiled_copy, TensorS const& src_like, TensorD&& dst, TensorC const& identity,
+                           RowPtr const& row_ptr, int max_cols) {
+  CUTE_STATIC_ASSERT_V(rank(src_like) == Int<3>{});
+  CUTE_STATIC_ASSERT_V(size<1>(src_like) == size<1>(dst));
+  CUTE_STATIC_ASSERT_V(size<2>(src_like) == size<2>(dst));
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src_like); ++m) {
+    auto const* const row = row_ptr(get<0>(identity(0, m, 0)));
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(src_like); ++k) {
+      int const col = get<1>(identity(0, m, k));
+      if (row != nullptr && col < max_cols) {
+        copy(tiled_copy, make_tensor(make_gmem_ptr(row + col), src_like(_, m, k).layout()), dst(_, m, k));
+      } else {
+        clear(dst(_, m, k));
+      }
+    }
+  }
+}
+
 }  // namespace flash_attn2

@@ -44,6 +44,23 @@ constexpr FwdTile fwd_tile(int head_dim, MaskMode mask, bool modifiers = false) 
   }
 }
 
+// The KV-cache kernels (decode: a few query rows against a long cache, bound by the bytes of K and V).
+// 64 query rows (GQA decode packs a group's heads into them) waste less tensor-core work on padding rows
+// than 128 (at 64 rows the MMAs take about half the time the K/V bytes take at full bandwidth), and a
+// 128-key step moves 32 KB of K (hdim 128) per copy, with two CTAs per SM in flight. Wide head dims take
+// 64 keys so that K, V and Q fit in 96 KB.
+constexpr FwdTile kvcache_tile(int head_dim) {
+  switch (head_dim) {
+    case 32:
+    case 64:
+    case 96:
+    case 128: return {64, 128, 4};
+    case 192:
+    case 256: return {64, 64, 4};
+    default: return {0, 0, 0};
+  }
+}
+
 struct BwdTile {
   int block_m;     // query rows per main-loop step
   int block_n;     // key rows per CTA (their dK and dV stay in registers for the whole loop)

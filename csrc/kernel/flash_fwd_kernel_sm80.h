@@ -1,9 +1,11 @@
 // FlashAttention-2 forward on mma.sync (sm80, and sm90 through the same code).
-// One CTA per (query block, head, batch). The CTA keeps its Q tile in shared memory, walks the key
+// One CTA per (query block, head, batch), and per split of the key blocks for the KV-cache kernels. The CTA keeps its Q tile in shared memory, walks the key
 // blocks from the last visible one down to the first, and keeps O, the running max and the running sum
 // in registers. K and V each have one shared buffer; their loads alternate so that one is always in
 // flight under the other's GEMM: K[n-1] streams in during softmax + P V of block n, V[n] during Q K[n]^T.
 #pragma once
+
+#include <type_traits>
 
 #include <cute/tensor.hpp>
 #include <cutlass/detail/helper_macros.hpp>
@@ -22,7 +24,9 @@ namespace flash_attn2 {
 using namespace cute;
 
 // kModifiers: softcap, ALiBi and dropout, each switched at run time (collective/score_mod.h).
-template <class Traits, MaskMode kMask, bool kModifiers>
+// kKVCache: attention over a KV cache (KVCacheParams): keys of a dense cache row or of pages looked up per
+// row, the key blocks optionally split across CTAs (flash-decoding) with fp32 partial outputs; no dropout.
+template <class Traits, MaskMode kMask, bool kModifiers, bool kKVCache = false>
 struct FlashFwdKernelSm80 {
   using Element = typename Traits::Element;
   static constexpr int kBlockM = Traits::kBlockM;
@@ -32,28 +36,45 @@ struct FlashFwdKernelSm80 {
   static constexpr int kSmemBytes = Traits::kSmemBytes;
   using SharedStorage = typename Traits::SharedStorage;
   using Mask = BlockMask<kMask, kBlockM, kBlockN>;
+  using Params = std::conditional_t<kKVCache, KVCacheParams, FwdParams>;
+  using BlockInfo = std::conditional_t<kKVCache, KVCacheBlockInfo, FwdBlockInfo>;
+  static constexpr bool kDropout = kModifiers && !kKVCache;
 
   CUTE_HOST_DEVICE static int num_m_blocks(int seqlen_q) { return (seqlen_q + kBlockM - 1) / kBlockM; }
+  CUTE_HOST_DEVICE static int num_splits(Params const& p) {
+    if constexpr (kKVCache) { return p.num_splits; } else { return 1; }
+  }
 
   // One flat grid dimension (x allows 2^31 - 1 blocks; y and z only 65535, less than batch or heads may
   // be). The query blocks of one (batch, head) are consecutive, so they share K and V in L2.
-  static int64_t num_blocks(FwdParams const& p) { return int64_t(num_m_blocks(p.seqlen_q)) * p.num_heads * p.batch; }
+  static int64_t num_blocks(Params const& p) {
+    return int64_t(num_m_blocks(p.seqlen_q)) * num_splits(p) * p.num_heads * p.batch;
+  }
 
-  CUTE_DEVICE void operator()(FwdParams const& params, char* smem_buf) const {
+  CUTE_DEVICE void operator()(Params const& params, char* smem_buf) const {
     int const tidx = threadIdx.x;
     int const m_blocks = num_m_blocks(params.seqlen_q);
-    int const bh = int(blockIdx.x) / m_blocks;
+    int const splits = num_splits(params);
+    int const bhs = int(blockIdx.x) / m_blocks;
     // Under a causal mask the last query blocks do the most work: schedule them first so the grid's
     // tail is made of short blocks.
-    int const m_block = m_blocks - 1 - (int(blockIdx.x) - bh * m_blocks);
+    int const m_block = m_blocks - 1 - (int(blockIdx.x) - bhs * m_blocks);
+    int const split = bhs % splits;
+    int const bh = bhs / splits;
     int const head = bh % params.num_heads;
     int const batch = bh / params.num_heads;
 
-    FwdBlockInfo const binfo(params, batch, head);
+    BlockInfo const binfo(params, batch, head);
     if (m_block * kBlockM >= binfo.seqlen_q) { return; }
     Mask const mask(binfo.seqlen_q, binfo.seqlen_k, params.window_left, params.window_right);
-    int const n_block_min = mask.n_block_begin(m_block);
-    int const n_block_max = mask.n_block_end(m_block);
+    int n_block_min = mask.n_block_begin(m_block);
+    int n_block_max = mask.n_block_end(m_block);
+    if (splits > 1) {
+      // Splits own fixed ranges of the capacity's key blocks, so every sequence's blocks split alike.
+      int const per_split = ceil_div((params.seqlen_k + kBlockN - 1) / kBlockN, splits);
+      n_block_min = max(n_block_min, split * per_split);
+      n_block_max = min(n_block_max, (split + 1) * per_split);
+    }
     int const head_dim = params.head_dim;
     int const rows_q = binfo.seqlen_q - m_block * kBlockM;  // valid rows of this Q tile (may exceed kBlockM)
 
@@ -94,6 +115,33 @@ struct FlashFwdKernelSm80 {
     auto tVgV = [&](int n) { return gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n, Int<kBlockN>{})); };
     Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // (CPY, CPY_M, CPY_K) -> (row, col)
     Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // (CPY, CPY_N, CPY_K) -> (row, col)
+    // Key block n of K or V into shared memory, rows >= max_rows zero-filled. A paged cache finds each
+    // row's page in the block table (rows past the sequence or on an out-of-range page read nothing).
+    auto load_kv = [&](Element const* base, int64_t row_stride, int64_t page_stride, auto const& tXgX, auto& tXsX,
+                       int n, int max_rows) CUTLASS_LAMBDA_FUNC_INLINE {
+      if constexpr (kKVCache) {
+        if (params.block_table != nullptr) {
+          int const* const pages = params.block_table + batch * params.block_table_batch_stride;
+          auto row_ptr = [&](int r) -> Element const* {
+            int const key = n * kBlockN + r;
+            if (r >= max_rows) { return nullptr; }
+            int const page = pages[key / params.page_size];
+            if (page < 0 || page >= params.num_pages) { return nullptr; }
+            return base + int64_t(page) * page_stride + int64_t(key % params.page_size) * row_stride;
+          };
+          copy_rows(gmem_tiled_copy, tXgX, tXsX, tKVcKV, row_ptr, head_dim);
+          return;
+        }
+      }
+      copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(base, row_stride, n, Int<kBlockN>{})), tXsX,
+                      tKVcKV, max_rows, head_dim);
+    };
+    auto load_k = [&](int n, int max_rows) CUTLASS_LAMBDA_FUNC_INLINE {
+      load_kv(k_ptr, params.k_row_stride, params.k_batch_stride, tKgK(0), tKsK, n, max_rows);
+    };
+    auto load_v = [&](int n, int max_rows) CUTLASS_LAMBDA_FUNC_INLINE {
+      load_kv(v_ptr, params.v_row_stride, params.v_batch_stride, tVgV(0), tVsV, n, max_rows);
+    };
 
     // Tensor-core partitions.
     typename Traits::TiledMma tiled_mma;
@@ -127,8 +175,7 @@ struct FlashFwdKernelSm80 {
       // Prologue: Q and the last key block (the only one that can be short) in flight together.
       int n_block = n_block_max - 1;
       copy_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
-      copy_tile<true>(gmem_tiled_copy, tKgK(n_block), tKsK, tKVcKV, binfo.seqlen_k - n_block * kBlockN,
-                      head_dim);
+      load_k(n_block, binfo.seqlen_k - n_block * kBlockN);
       cp_async_fence();
 
       // Forced inline: step is called from several loops, and an outlined step would take the register
@@ -138,8 +185,7 @@ struct FlashFwdKernelSm80 {
         clear(acc_s);
         cp_async_wait<0>();
         __syncthreads();  // K[n] has landed, and every warp is done reading V[n + 1]
-        copy_tile<true>(gmem_tiled_copy, tVgV(n_block), tVsV, tKVcKV, binfo.seqlen_k - n_block * kBlockN,
-                        head_dim);
+        load_v(n_block, binfo.seqlen_k - n_block * kBlockN);
         cp_async_fence();
 
         gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_tiled_copy_q, smem_tiled_copy_k, tidx);
@@ -152,13 +198,13 @@ struct FlashFwdKernelSm80 {
         cp_async_wait<0>();
         __syncthreads();  // V[n] has landed, and every warp is done reading K[n]
         if (n_block > n_block_min) {
-          copy_tile<true>(gmem_tiled_copy, tKgK(n_block - 1), tKsK, tKVcKV, kBlockN, head_dim);
+          load_k(n_block - 1, kBlockN);
           cp_async_fence();
         }
 
         softmax.update(acc_s, acc_o);
         // Dropout after the row sums: the normaliser counts every probability, kept or not.
-        if (kModifiers && dropout.on) {
+        if (kDropout && dropout.on) {
           dropout.apply<false>(acc_s, tScS0, m_block * kBlockM + score_row_base, n_block * kBlockN + score_col_base);
         }
         Tensor rP = convert_fragment<Element>(acc_s);
@@ -181,12 +227,35 @@ struct FlashFwdKernelSm80 {
 
     // Epilogue: normalise, write lse, stage O through shared memory for 16-byte global stores.
     // Kept probabilities are scaled by 1 / (1 - p) with the normalisation.
-    Tensor lse = softmax.finalize(acc_o, params.softmax_scale, kModifiers ? dropout.keep_scale : 1.f);
-    Tensor rO = convert_fragment<Element>(acc_o);
+    Tensor lse = softmax.finalize(acc_o, params.softmax_scale, kDropout ? dropout.keep_scale : 1.f);
 
     Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tOcO = thr_mma.partition_C(cO);  // (MMA, MMA_M, MMA_K) -> (row, col)
     Tensor tOcO_rowcol = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));  // (rows, cols) -> (row, col)
+    if constexpr (kKVCache) {
+      if (splits > 1) {
+        // This split's normalised output and lse, fp32, for the combine kernel. A split that saw no key
+        // leaves lse = +inf and O = 0, which the combine weighs as nothing.
+        int64_t const row0 = ((int64_t(split) * params.batch + batch) * params.num_heads + head) * params.seqlen_q +
+                             int64_t(m_block) * kBlockM;
+        float* const o_accum = params.out_accum + row0 * head_dim;
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_o); ++i) {
+          int const row = get<0>(tOcO(i));
+          int const col = get<1>(tOcO(i));
+          if (row < rows_q && col < head_dim) { o_accum[int64_t(row) * head_dim + col] = acc_o(i); }
+        }
+        if (get<1>(tOcO_rowcol(0, 0)) == 0) {
+          CUTE_UNROLL
+          for (int r = 0; r < size(lse); ++r) {
+            int const row = get<0>(tOcO_rowcol(r, 0));
+            if (row < rows_q) { params.lse_accum[row0 + row] = lse(r); }
+          }
+        }
+        return;
+      }
+    }
+    Tensor rO = convert_fragment<Element>(acc_o);
     if (get<1>(tOcO_rowcol(0, 0)) == 0) {  // the quad's first lane owns the row
       CUTE_UNROLL
       for (int r = 0; r < size(lse); ++r) {

@@ -46,6 +46,24 @@ BwdKernel const kBwdKernels[] = {
 };
 #undef FLASH_ATTN2_BWD_KERNEL
 
+struct KVCacheKernel {
+  DType dtype;
+  int head_dim;
+  MaskMode mask;
+  bool modifiers;  // always true: the KV-cache kernels compile softcap and ALiBi
+  cudaError_t (*run)(KVCacheParams const&, cudaStream_t);
+  KVCacheKernelInfo (*info)();
+};
+
+#define FLASH_ATTN2_KVCACHE_KERNEL(DTYPE, HDIM, MASK)                                                      \
+  KVCacheKernel{DType::DTYPE, HDIM, MaskMode::MASK, true, &run_kvcache<DType::DTYPE, HDIM, MaskMode::MASK>, \
+                &kvcache_kernel_info<DType::DTYPE, HDIM, MaskMode::MASK>},
+KVCacheKernel const kKVCacheKernels[] = {
+#include "instantiations/kvcache_table.inc"
+    KVCacheKernel{DType::kBf16, 0, MaskMode::kNone, true, nullptr, nullptr},  // sentinel
+};
+#undef FLASH_ATTN2_KVCACHE_KERNEL
+
 char const* dtype_name(DType d) { return d == DType::kFp16 ? "fp16" : "bf16"; }
 char const* mask_name(MaskMode m) {
   return m == MaskMode::kCausal ? "causal" : m == MaskMode::kLocal ? "local" : "none";
@@ -55,11 +73,12 @@ char const* modifiers_name(bool modifiers) { return modifiers ? "mod" : "plain";
 constexpr int kMaxHeadDim = 256;
 
 // A head dim runs on the smallest built kernel of its (dtype, mask, modifiers) whose head dim is >= it.
+// modifiers: which family is wanted (the KV-cache table has only kernels with the modifiers).
 template <class Kernel, size_t N>
-Kernel const* smallest_fitting(Kernel const (&table)[N], FwdParams const& p) {
+Kernel const* smallest_fitting(Kernel const (&table)[N], FwdParams const& p, bool modifiers) {
   Kernel const* best = nullptr;
   for (Kernel const& k : table) {
-    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.modifiers != p.has_modifiers() ||
+    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.modifiers != modifiers ||
         k.head_dim < p.head_dim) {
       continue;
     }
@@ -113,6 +132,7 @@ std::string built_kernels() {
   std::string lines;
   list_kernels(lines, "fwd", kFwdKernels);
   list_kernels(lines, "bwd", kBwdKernels);
+  list_kernels(lines, "kvcache", kKVCacheKernels);
   return lines;
 }
 
@@ -195,7 +215,7 @@ Status check_params(FwdParams const& p, BwdParams const* bwd) {
 
 Status fwd(FwdParams const& p, cudaStream_t stream) {
   if (Status const checked = check_params(p, nullptr); !checked.ok()) { return checked; }
-  FwdKernel const* best = smallest_fitting(kFwdKernels, p);
+  FwdKernel const* best = smallest_fitting(kFwdKernels, p, p.has_modifiers());
   if (best == nullptr) { return {missing_kernel_message("forward", p)}; }
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) { return {}; }
   if (Status const fits = check_smem("forward", best->head_dim, best->smem_bytes()); !fits.ok()) { return fits; }
@@ -248,7 +268,7 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   if ((int64_t(p.seqlen_k) + 15) / 16 * p.num_heads * p.batch > INT32_MAX) {
     return {str_cat("flash_attn2: batch * num_heads * seqlen_k is too large for one launch")};
   }
-  plan.kernel = smallest_fitting(kBwdKernels, p);
+  plan.kernel = smallest_fitting(kBwdKernels, p, p.has_modifiers());
   if (plan.kernel == nullptr) { return {missing_kernel_message("backward", p)}; }
   int num_sms = 0;
   if (Status const queried = device_attribute(cudaDevAttrMultiProcessorCount, num_sms); !queried.ok()) {
@@ -297,6 +317,81 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
   cudaError_t const status = plan.kernel->run(kp, stream);
   if (status != cudaSuccess) {
     return {str_cat("flash_attn2: backward kernel launch failed: ", cudaGetErrorString(status))};
+  }
+  return {};
+}
+
+namespace {
+
+// One kernel lookup and the checks of the KV-cache entry points (beyond check_params).
+Status plan_kvcache(KVCacheParams const& p, KVCacheKernel const*& kernel) {
+  if (Status const checked = check_params(p, nullptr); !checked.ok()) { return checked; }
+  if (p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr) {
+    return {"flash_attn2: the KV-cache kernels take a dense batch (cu_seqlens must be null)"};
+  }
+  if (p.dropout_p != 0.f) { return {"flash_attn2: the KV-cache kernels have no dropout"}; }
+  if (p.cache_seqlens == nullptr) { return {"flash_attn2: fwd_kvcache needs cache_seqlens"}; }
+  if (p.block_table != nullptr) {
+    if (p.page_size <= 0 || p.page_size % 16 != 0) {
+      return {str_cat("flash_attn2: page_size must be a positive multiple of 16, got ", p.page_size)};
+    }
+    if (p.cache_batch_idx != nullptr || p.cache_leftpad != nullptr) {
+      return {"flash_attn2: cache_batch_idx and cache_leftpad are not supported with a paged cache"};
+    }
+    if (int64_t(p.max_pages) * p.page_size < p.seqlen_k) {
+      return {"flash_attn2: seqlen_k (the capacity) exceeds max_pages * page_size"};
+    }
+  } else if (p.cache_batch <= 0) {
+    return {"flash_attn2: a dense cache needs cache_batch > 0"};
+  }
+  kernel = smallest_fitting(kKVCacheKernels, p, true);
+  if (kernel == nullptr) { return {missing_kernel_message("kvcache", p)}; }
+  return {};
+}
+
+}  // namespace
+
+int kvcache_num_splits(KVCacheParams const& p) {
+  if (p.num_splits > 0) { return p.num_splits; }
+  KVCacheKernel const* kernel = nullptr;
+  if (!plan_kvcache(p, kernel).ok()) { return 1; }
+  int num_sms = 0;
+  if (!device_attribute(cudaDevAttrMultiProcessorCount, num_sms).ok() || num_sms <= 0) { return 1; }
+  KVCacheKernelInfo const info = kernel->info();
+  // Fill every SM with two CTAs (the tile is sized for that) when batch x heads x query blocks leaves
+  // them idle; each split keeps at least kMinBlocksPerSplit key blocks so its prologue and the combine
+  // stay small next to its loop. kMaxSplits bounds the fp32 workspace.
+  constexpr int kCtasPerSm = 2, kMinBlocksPerSplit = 2, kMaxSplits = 128;
+  int64_t const ctas = int64_t(p.batch) * p.num_heads * ((p.seqlen_q + info.block_m - 1) / info.block_m);
+  int const n_blocks = (p.seqlen_k + info.block_n - 1) / info.block_n;
+  int64_t const target = int64_t(num_sms) * kCtasPerSm;
+  if (ctas <= 0 || ctas >= target * 8 / 10) { return 1; }
+  int64_t splits = (target + ctas - 1) / ctas;
+  splits = std::min<int64_t>(splits, std::max(n_blocks / kMinBlocksPerSplit, 1));
+  return int(std::max<int64_t>(std::min<int64_t>(splits, kMaxSplits), 1));
+}
+
+size_t kvcache_out_accum_floats(KVCacheParams const& p) {
+  return p.num_splits <= 1 ? 0 : size_t(p.num_splits) * p.batch * p.num_heads * p.seqlen_q * p.head_dim;
+}
+
+size_t kvcache_lse_accum_floats(KVCacheParams const& p) {
+  return p.num_splits <= 1 ? 0 : size_t(p.num_splits) * p.batch * p.num_heads * p.seqlen_q;
+}
+
+Status fwd_kvcache(KVCacheParams const& p, cudaStream_t stream) {
+  KVCacheKernel const* kernel = nullptr;
+  if (Status const planned = plan_kvcache(p, kernel); !planned.ok()) { return planned; }
+  if (p.num_splits < 1) { return {"flash_attn2: fwd_kvcache needs num_splits >= 1 (see kvcache_num_splits)"}; }
+  if (p.num_splits > 1 && (p.out_accum == nullptr || p.lse_accum == nullptr)) {
+    return {"flash_attn2: num_splits > 1 needs out_accum and lse_accum"};
+  }
+  if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) { return {}; }
+  KVCacheKernelInfo const info = kernel->info();
+  if (Status const fits = check_smem("kvcache", kernel->head_dim, info.smem_bytes); !fits.ok()) { return fits; }
+  cudaError_t const status = kernel->run(p, stream);
+  if (status != cudaSuccess) {
+    return {str_cat("flash_attn2: KV-cache kernel launch failed: ", cudaGetErrorString(status))};
   }
   return {};
 }

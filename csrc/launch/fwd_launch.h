@@ -25,4 +25,15 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim, MaskMode kMask, bool kModifiers>
 BwdKernelInfo bwd_kernel_info();
 
+// What the dispatcher needs to know of a KV-cache instantiation to choose its splits.
+struct KVCacheKernelInfo {
+  int smem_bytes;
+  int block_m;
+  int block_n;
+};
+template <DType kDType, int kHeadDim, MaskMode kMask>
+cudaError_t run_kvcache(KVCacheParams const& params, cudaStream_t stream);
+template <DType kDType, int kHeadDim, MaskMode kMask>
+KVCacheKernelInfo kvcache_kernel_info();
+
 }  // namespace flash_attn2

@@ -2,8 +2,10 @@
 // entry that runs a kernel functor on its dynamic shared memory.
 #pragma once
 
+#include <cstdint>
 #include <type_traits>
 
+#include <cuda_runtime.h>
 #include <cute/config.hpp>
 #include <cutlass/numeric_types.h>
 
@@ -20,6 +22,23 @@ template <class Kernel, class Params>
 __global__ void __launch_bounds__(Kernel::kNThreads, 1) device_kernel(CUTE_GRID_CONSTANT Params const params) {
   extern __shared__ __align__(128) char smem_buf[];
   Kernel{}(params, smem_buf);
+}
+
+// Launches Kernel on its flat grid of Kernel::num_blocks(params) CTAs, opting in to more than the default
+// 48 KB of dynamic shared memory where its tile needs it.
+template <class Kernel, class Params>
+cudaError_t launch_flat(Params const& params, cudaStream_t stream) {
+  auto kernel = &device_kernel<Kernel, Params>;
+  constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
+  if constexpr (Kernel::kSmemBytes > kDefaultSmemLimit) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
+    if (err != cudaSuccess) { return err; }
+  }
+  int64_t const blocks = Kernel::num_blocks(params);
+  if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
+  kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
 }
 
 }  // namespace flash_attn2

@@ -73,8 +73,25 @@ Status bwd(BwdParams const& params, cudaStream_t stream);
 // current device's SM count, so query it with the device current that will run bwd.
 size_t bwd_workspace_bytes(BwdParams const& params);
 
-// The compiled kernels, one per line: "<fwd|bwd> <fp16|bf16> <head dim> <none|causal|local> <plain|mod>"
-// ("mod": the kernels that apply softcap, ALiBi and dropout).
+// Attention over a KV cache (forward only; see KVCacheParams). params.num_splits >= 1 (resolve 0 with
+// kvcache_num_splits first); above 1 it needs out_accum and lse_accum of kvcache_out_accum_floats and
+// kvcache_lse_accum_floats elements.
+Status fwd_kvcache(KVCacheParams const& params, cudaStream_t stream);
+
+// The number of splits of the key blocks fwd_kvcache will use: params.num_splits when > 0, else a
+// heuristic that fills the GPU's SMs (from the kernel's tile, the SM count and the grid) and never makes
+// a split shorter than two key blocks. 1 when no kernel fits (fwd_kvcache then says why).
+int kvcache_num_splits(KVCacheParams const& params);
+
+// fp32 elements of out_accum and of lse_accum for params.num_splits (0 when it is 1).
+size_t kvcache_out_accum_floats(KVCacheParams const& params);
+size_t kvcache_lse_accum_floats(KVCacheParams const& params);
+
+// Appends new keys/values to a KV cache in place and rotates q (see KVCacheAppendParams).
+Status kvcache_append(KVCacheAppendParams const& params, cudaStream_t stream);
+
+// The compiled kernels, one per line: "<fwd|bwd|kvcache> <fp16|bf16> <head dim> <none|causal|local> <plain|mod>"
+// ("mod": the kernels that apply softcap, ALiBi and dropout; the KV-cache kernels are all "mod", without dropout).
 std::string built_kernels();
 
 // The dropout keep mask fwd and bwd apply for p's dropout_p, rng_state, sizes and cu_seqlens: keep[b][h][i][j]

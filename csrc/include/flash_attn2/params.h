@@ -77,6 +77,84 @@ struct FwdParams {
   bool has_modifiers() const { return softcap > 0.f || alibi_slopes != nullptr || dropout_p > 0.f; }
 };
 
+// Attention over a KV cache (flash_attn_with_kvcache), forward only. The FwdParams part describes q, out,
+// softmax_lse and the caches as k and v: dense caches (cache_batch, seqlen_k, num_heads_k, head_dim) with
+// their strides, or paged caches (num_pages, page_size, num_heads_k, head_dim) whose k/v_batch_stride is
+// the page stride. seqlen_k is the capacity of one sequence (dense: the cache's rows; paged: pages per
+// sequence * page_size). Sequence b attends to keys [leftpad[b], cache_seqlens[b] + seqlen_new) of its
+// cache row; the new keys were written there before the kernel runs (kvcache_append). Every index read
+// from device memory is range-checked: an out-of-range one reads nothing (zeros), never past a buffer.
+struct KVCacheParams : FwdParams {
+  int const* __restrict__ cache_seqlens = nullptr;    // (batch,) keys before the append; required
+  int seqlen_new = 0;                                  // keys appended by this call
+  int const* __restrict__ cache_batch_idx = nullptr;  // (batch,) cache row of each sequence; null: b
+  int cache_batch = 0;                                 // rows of a dense cache (the bound for cache_batch_idx)
+  int const* __restrict__ cache_leftpad = nullptr;    // (batch,) first valid cache row; null: 0
+  int const* __restrict__ block_table = nullptr;      // (batch, max_pages) page of each block; null: dense
+  int64_t block_table_batch_stride = 0;
+  int max_pages = 0;   // block_table's columns
+  int page_size = 0;   // rows per page, a multiple of 16
+  int num_pages = 0;   // pages in the cache (the bound for block_table entries)
+
+  // Split-KV (flash-decoding): the key blocks of each query tile are divided into num_splits contiguous
+  // ranges run by separate CTAs; with num_splits > 1 each writes its normalised partial output and lse
+  // to out_accum (num_splits, batch, num_heads, seqlen_q, head_dim) and lse_accum (num_splits, batch,
+  // num_heads, seqlen_q), fp32, and a combine kernel merges them into out and softmax_lse.
+  int num_splits = 1;
+  float* __restrict__ out_accum = nullptr;
+  float* __restrict__ lse_accum = nullptr;
+};
+
+// Writes new keys and values into a KV cache in place (flash_attn_with_kvcache's k, v), applying rotary
+// embeddings to the keys, and optionally rotates q into q_rotated. The cache is described as in
+// KVCacheParams (dense or paged, cache_batch_idx, cache_leftpad); new row i of sequence b goes to cache row
+// cache_seqlens[b] + i. Rows at or past the capacity, and pages or cache rows whose index is out of range,
+// are not written (nothing outside the cache is ever touched).
+// Rotary (rotary_dim > 0): position t rotates pairs of the first rotary_dim features by the angles whose
+// cosines and sines are rotary_cos/sin[t] (seqlen_ro, rotary_dim / 2): interleaved pairs (2j, 2j + 1),
+// else GPT-NeoX halves (j, j + rotary_dim / 2). New key i sits at t = cache_seqlens[b] - leftpad[b] + i;
+// query i at that t too when q_positions_advance (causal or local attention), else all at i = 0.
+struct KVCacheAppendParams {
+  DType dtype = DType::kBf16;
+  int batch = 0;
+  int seqlen_new = 0;  // rows of k_new / v_new (0: no append)
+  int seqlen_q = 0;    // rows of q to rotate (0: none)
+  int num_heads = 0;
+  int num_heads_k = 0;
+  int head_dim = 0;
+
+  void* __restrict__ k_cache = nullptr;
+  void* __restrict__ v_cache = nullptr;
+  int64_t k_cache_batch_stride = 0, k_cache_row_stride = 0, k_cache_head_stride = 0;  // batch: page when paged
+  int64_t v_cache_batch_stride = 0, v_cache_row_stride = 0, v_cache_head_stride = 0;
+  int capacity = 0;     // rows per sequence: dense s_cache, paged max_pages * page_size
+  int cache_batch = 0;  // rows of a dense cache
+  int const* __restrict__ cache_seqlens = nullptr;  // (batch,), required
+  int const* __restrict__ cache_batch_idx = nullptr;
+  int const* __restrict__ cache_leftpad = nullptr;
+  int const* __restrict__ block_table = nullptr;
+  int64_t block_table_batch_stride = 0;
+  int page_size = 0;
+  int num_pages = 0;
+
+  void const* __restrict__ k_new = nullptr;  // (batch, seqlen_new, num_heads_k, head_dim)
+  void const* __restrict__ v_new = nullptr;
+  int64_t k_new_batch_stride = 0, k_new_row_stride = 0, k_new_head_stride = 0;
+  int64_t v_new_batch_stride = 0, v_new_row_stride = 0, v_new_head_stride = 0;
+
+  void const* __restrict__ q = nullptr;  // (batch, seqlen_q, num_heads, head_dim)
+  void* __restrict__ q_rotated = nullptr;
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t q_rotated_batch_stride = 0, q_rotated_row_stride = 0, q_rotated_head_stride = 0;
+
+  void const* __restrict__ rotary_cos = nullptr;  // (seqlen_ro, rotary_dim / 2), q's dtype, contiguous
+  void const* __restrict__ rotary_sin = nullptr;
+  int rotary_dim = 0;  // 0: no rotary
+  int seqlen_ro = 0;
+  bool rotary_interleaved = true;
+  bool q_positions_advance = false;
+};
+
 // Backward attention: the forward's inputs (FwdParams part: q, k, v, out, softmax_lse, strides, sizes,
 // cu_seqlens, mask) plus the output gradient and the three input gradients.
 struct BwdParams : FwdParams {
