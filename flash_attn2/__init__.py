@@ -14,6 +14,7 @@ from flash_attn2.interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from flash_attn2.kvcache import flash_attn_with_kvcache, merge_attention
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+    "merge_attention",
     "reference",
 ]

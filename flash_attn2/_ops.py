@@ -279,7 +279,7 @@ def fwd_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
                                              num_splits)
 
 
-if _C is not None:
+if _C is not None and hasattr(torch.ops.flash_attn2, "fwd_kvcache"):  # an older build may lack it
 
     @torch.library.register_fake("flash_attn2::fwd_kvcache")
     def _fwd_kvcache_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -288,6 +288,9 @@ if _C is not None:
         """Shapes of the op's outputs: ``out`` like q but contiguous, ``lse`` float32 (b, h, s_q); the caches
         are mutated in place (the schema says so), so nothing else is returned."""
         return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+if _C is not None:
 
     @torch.library.register_fake("flash_attn2::fwd")
     def _fwd_fake(q, k, v, softmax_scale, causal, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,

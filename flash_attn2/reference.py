@@ -352,3 +352,142 @@ def attention_probs_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             _sequence_slopes(alibi_slopes, b), None if lse is None else lse[None, :, q0:q1],
         )[0]
     return probs
+
+
+# The KV cache (flash_attn_with_kvcache): rotary embedding, the append, and attention over each sequence's cached keys.
+#
+# A sequence's keys live in a dense cache ``(batch_cache, seqlen_cache, nheads_k, headdim)`` (row
+# ``cache_batch_idx[b]``, or ``b``) or a paged one ``(num_blocks, page_size, nheads_k, headdim)``, where its
+# logical row ``r`` is at ``[block_table[b, r // page_size], r % page_size]``. The new keys ``k[b]`` go to
+# logical rows ``cache_seqlens[b] ..`` (+ ``seqlen_new``); the sequence then attends to rows
+# ``cache_leftpad[b] .. cache_seqlens[b] + seqlen_new`` (leftpad 0 when not given), with positions (mask,
+# ALiBi, rotary) counted from ``cache_leftpad[b]``.
+# These helpers read index tensors on the host (``.tolist()``): they are for the CPU path and the tests.
+
+
+def apply_rotary(x, cos, sin, positions, interleaved=True):
+    """Rotary embedding of the first ``rotary_dim = 2 * cos.shape[-1]`` features of ``x``.
+
+    Args:
+        x: ``(batch, seqlen, nheads, headdim)``.
+        cos, sin: ``(seqlen_ro, rotary_dim / 2)``: row ``p`` holds ``cos``/``sin`` of position ``p``'s angles.
+        positions: int ``(batch, seqlen)``, the position of each row of ``x``.
+        interleaved: rotate the pairs ``(2i, 2i + 1)`` (GPT-J); else the halves ``(i, i + rotary_dim / 2)``
+            (GPT-NeoX).
+
+    Each pair ``(x1, x2)`` becomes ``(x1 cos - x2 sin, x1 sin + x2 cos)``, computed in float32 (float64 for
+    float64) and rounded back to x's dtype, as the kernel rounds the rotated keys it writes into the cache
+    and the rotated queries it keeps in shared memory. Features past rotary_dim pass through unchanged.
+    """
+    rotary_dim = 2 * cos.shape[-1]
+    dtype = _math_dtype(x.dtype)
+    cos_p = cos.to(dtype)[positions].unsqueeze(-2)  # (b, s, 1, rotary_dim / 2): the same angles for every head
+    sin_p = sin.to(dtype)[positions].unsqueeze(-2)
+    rotated = x[..., :rotary_dim].to(dtype)
+    if interleaved:
+        x1, x2 = rotated[..., 0::2], rotated[..., 1::2]
+    else:
+        x1, x2 = rotated.chunk(2, dim=-1)
+    y1, y2 = x1 * cos_p - x2 * sin_p, x1 * sin_p + x2 * cos_p
+    rotated = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+def _per_batch(values, batch: int, default: int = 0) -> list:
+    """A per-sequence int tensor as a host list, or ``default`` for each sequence when it is None."""
+    return [default] * batch if values is None else [int(x) for x in values.tolist()]
+
+
+def rotary_positions(cache_seqlens, cache_leftpad, count: int, consecutive: bool = True):
+    """int64 ``(batch, count)`` rotary positions of ``count`` rows that start at each sequence's current end:
+    ``cache_seqlens[b] - leftpad[b] + i``, or, when not ``consecutive``, ``cache_seqlens[b] - leftpad[b]`` for
+    every row (the queries of non-causal, non-local attention all sit at the end, as in flash-attn)."""
+    start = cache_seqlens.to(torch.int64)
+    if cache_leftpad is not None:
+        start = start - cache_leftpad.to(torch.int64)
+    offsets = torch.arange(count, device=start.device) if consecutive else torch.zeros(count, dtype=torch.int64,
+                                                                                       device=start.device)
+    return start[:, None] + offsets[None, :]
+
+
+def _cache_slots(b: int, rows, cache_batch_idx, block_table, page_size: int):
+    """The cache indices ``(first, second)`` of sequence ``b``'s logical rows ``rows`` (int64 ``(n,)``): its
+    dense cache row and ``rows``, or the pages its block table names and the offsets within them."""
+    if block_table is not None:
+        pages = block_table[b].to(torch.int64)[torch.div(rows, page_size, rounding_mode="floor")]
+        return pages, rows % page_size
+    batch_row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+    return torch.full_like(rows, batch_row), rows
+
+
+def append_kv_cache(k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None, cache_batch_idx=None,
+                    cache_leftpad=None, block_table=None, rotary_interleaved=True):
+    """Write ``k`` and ``v`` ``(batch, seqlen_new, nheads_k, headdim)`` into the caches, in place, at logical rows
+    ``cache_seqlens[b] ..`` of each sequence, k rotated first when ``rotary_cos`` is given (positions from
+    ``rotary_positions``). Nothing else of the caches is touched."""
+    if k is None:
+        return
+    if rotary_cos is not None:
+        k = apply_rotary(k, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, cache_leftpad, k.shape[1]),
+                         rotary_interleaved)
+    page_size = k_cache.shape[1]
+    for b, start in enumerate(_per_batch(cache_seqlens, k.shape[0])):
+        rows = torch.arange(start, start + k.shape[1], device=k_cache.device)
+        slots = _cache_slots(b, rows, cache_batch_idx, block_table, page_size)
+        k_cache.index_put_(slots, k[b].to(k_cache.dtype))
+        v_cache.index_put_(slots, v[b].to(v_cache.dtype))
+
+
+def gather_kv_cache(cache, seqlens_k, cache_batch_idx=None, cache_leftpad=None, block_table=None) -> list:
+    """Each sequence's keys (or values) from a dense or paged cache: a list of ``(1, n_b, nheads_k, headdim)``
+    tensors holding logical rows ``cache_leftpad[b] .. seqlens_k[b]`` (``seqlens_k`` = cache_seqlens + seqlen_new,
+    int ``(batch,)``). Reads only those rows, so whatever fills the rest of the cache never matters."""
+    ends = _per_batch(seqlens_k, seqlens_k.shape[0])
+    starts = _per_batch(cache_leftpad, len(ends))
+    gathered = []
+    for b, (start, end) in enumerate(zip(starts, ends)):
+        rows = torch.arange(start, end, device=cache.device)
+        gathered.append(cache[_cache_slots(b, rows, cache_batch_idx, block_table, cache.shape[1])].unsqueeze(0))
+    return gathered
+
+
+def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+                      cache_batch_idx=None, cache_leftpad=None, block_table=None, causal=False, window_size=(-1, -1),
+                      rotary_interleaved=True, alibi_slopes=None, attention=None, **attention_kwargs):
+    """``flash_attn_with_kvcache``'s semantics in plain PyTorch, appending to the caches IN PLACE: append
+    ``k``/``v`` (``append_kv_cache``), rotate q, then run ``attention`` (``attention_cpu`` or ``attention_ref``,
+    which gets ``attention_kwargs`` too) on each sequence and its gathered keys, bottom-right aligned with the
+    sequence's key count. ``cache_seqlens`` is an int tensor ``(batch,)``. Returns ``(out, lse)`` as ``attention``
+    does, concatenated over the batch."""
+    attention = attention_cpu if attention is None else attention
+    window_size = effective_window(causal, window_size)
+    append_kv_cache(k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad,
+                    block_table, rotary_interleaved)
+    if rotary_cos is not None:
+        consecutive = tuple(window_size) != (UNBOUNDED, UNBOUNDED)  # causal or local: each query at its own position
+        q = apply_rotary(q, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, cache_leftpad, q.shape[1],
+                                                                     consecutive), rotary_interleaved)
+    seqlens_k = cache_seqlens.to(torch.int64) + (0 if k is None else k.shape[1])
+    keys = gather_kv_cache(k_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table)
+    values = gather_kv_cache(v_cache, seqlens_k, cache_batch_idx, cache_leftpad, block_table)
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        out, lse = attention(q[b : b + 1], keys[b], values[b], causal=causal, window_size=window_size,
+                             alibi_slopes=_sequence_slopes(alibi_slopes, b), **attention_kwargs)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def kvcache_attention_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                          cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                          window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, upcast=True):
+    """The oracle of the kv-cache tests: ``kvcache_attention`` with ``attention_ref`` on copies of the caches
+    (the caller's are left as they are). ``cache_seqlens``: an int tensor ``(batch,)``. Returns ``(out, lse)``:
+    out ``(batch, seqlen_q, nheads, headdim)`` in float32 (float64 for float64) with ``upcast``, else in q's dtype
+    (the same math in the input precision: the baseline of flash-attn's error rule); lse float32 ``(batch,
+    nheads, seqlen_q)``, ``+inf`` on rows that see no key."""
+    return kvcache_attention(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens, rotary_cos, rotary_sin,
+                             cache_batch_idx, cache_leftpad, block_table, causal, window_size, rotary_interleaved,
+                             alibi_slopes, attention=attention_ref, softmax_scale=softmax_scale, upcast=upcast,
+                             softcap=softcap)

@@ -299,9 +299,9 @@ def test_parse_built_kernels_rejects_malformed_line(line, direction):
 
 
 def test_built_kernels_rejects_unknown_direction():
-    with pytest.raises(ValueError, match="direction must be one of fwd, bwd, got 'backward'"):
+    with pytest.raises(ValueError, match="direction must be one of fwd, bwd, kvcache, got 'backward'"):
         _ops.built_kernels("backward")
-    with pytest.raises(ValueError, match="direction must be one of fwd, bwd"):
+    with pytest.raises(ValueError, match="direction must be one of fwd, bwd, kvcache"):
         _ops.parse_built_kernels("", "both")
 
 

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Decode throughput of flash_attn_with_kvcache: achieved HBM bandwidth beside a copy and PyTorch SDPA.
+
+A decode step (seqlen_q = 1) reads each sequence's whole K and V cache once and does little arithmetic, so it
+is memory bound: the figure of merit is bytes of K and V read (batch * seqlen_cache * nheads_k * hdim * 2
+tensors * element size) per second, compared with what a device-to-device copy achieves in the same run
+(bytes read + written / time) and with PyTorch's SDPA on the same dense shapes (GQA through enable_gqa when
+torch has it, else kv heads repeated outside the timing). Ours runs dense and paged (16-row pages, the block
+table a random permutation of the pages, so neighbouring pages are not neighbours in memory).
+
+Inputs are random (never zeros). Before timing a config, our dense output is checked against SDPA (max abs
+diff); times are triton.testing.do_bench medians. --graph also times ours through CUDA graph replay, which
+takes the launch overhead out (what a serving loop that captures its decode step sees).
+
+    python benchmarks/benchmark_decode.py
+    python benchmarks/benchmark_decode.py --batches 1,8 --seqlens 4096,32768 --num-splits 1 --graph
+    python benchmarks/benchmark_decode.py --csv decode.csv --plot decode.png
+"""
+
+import argparse
+import contextlib
+import csv
+import inspect
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+NHEADS, NHEADS_K, HDIM = 32, 8, 128
+DTYPE = torch.bfloat16
+PAGE_SIZE = 16
+COPY_BYTES = 2**30
+"""The copy-bandwidth probe moves a 1 GiB tensor: far beyond L2, so it measures HBM."""
+CHECK_MAX_ABS_DIFF = 2e-2
+"""bf16 outputs of two correct kernels over random data differ by a few ulps of values of size <= ~1."""
+MEMORY_HEADROOM = 0.85
+"""Skip configs whose tensors would use more than this fraction of the free GPU memory."""
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+CSV_FIELDS = ("backend", "batch", "seqlen_cache", "ms", "tb_per_s", "fraction_of_copy", "ratio_vs_sdpa", "note")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8,64", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--seqlens", default="4096,32768,131072", help="cache lengths (default: %(default)s)")
+    parser.add_argument("--num-splits", type=int, default=0, help="ours' num_splits (0: heuristic; default 0)")
+    parser.add_argument("--graph", action="store_true", help="also time ours through CUDA graph replay")
+    parser.add_argument("--csv", help="write the rows to this CSV file")
+    parser.add_argument("--plot", help="write TB/s vs cache length per batch to this PNG (needs matplotlib)")
+    parser.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms (default: %(default)s)")
+    parser.add_argument("--rep", type=float, default=100, help="do_bench measuring time, ms (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.batches = [int(x) for x in args.batches.split(",") if x.strip()]
+    args.seqlens = [int(x) for x in args.seqlens.split(",") if x.strip()]
+    return args
+
+
+def import_flash_attn2():
+    """The installed flash_attn2, else the one in this checkout."""
+    try:
+        import flash_attn2
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import flash_attn2
+    return flash_attn2
+
+
+def kv_bytes(batch, seqlen):
+    """What a decode step must read: K and V of every cached row."""
+    return batch * seqlen * NHEADS_K * HDIM * 2 * torch.finfo(DTYPE).bits // 8
+
+
+def copy_bandwidth(do_bench, args):
+    """Device-to-device copy bandwidth, bytes read + written per second: the attainable HBM rate."""
+    src = torch.randn(COPY_BYTES // 2, dtype=DTYPE, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=args.warmup, rep=args.rep, return_mode="median")
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * COPY_BYTES / (ms * 1e-3)
+
+
+def fits(batch, seqlen):
+    free, _ = torch.cuda.mem_get_info()
+    needed = 2 * kv_bytes(batch, seqlen)  # the dense caches and their paged copy
+    return needed < MEMORY_HEADROOM * free
+
+
+def make_config(batch, seqlen):
+    """Dense caches, a paged copy (pages permuted), q, the new token and cache_seqlens for one decode step."""
+    k_cache = torch.randn(batch, seqlen, NHEADS_K, HDIM, dtype=DTYPE, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    pages = seqlen // PAGE_SIZE
+    block_table = torch.randperm(batch * pages, device="cuda", dtype=torch.int64).to(torch.int32).reshape(batch, pages)
+    paged = []
+    for cache in (k_cache, v_cache):
+        pool = torch.empty(batch * pages, PAGE_SIZE, NHEADS_K, HDIM, dtype=DTYPE, device="cuda")
+        pool[block_table.flatten().long()] = cache.reshape(batch * pages, PAGE_SIZE, NHEADS_K, HDIM)
+        paged.append(pool)
+    q = torch.randn(batch, 1, NHEADS, HDIM, dtype=DTYPE, device="cuda")
+    k_new, v_new = (torch.randn(batch, 1, NHEADS_K, HDIM, dtype=DTYPE, device="cuda") for _ in range(2))
+    seqlens = torch.full((batch,), seqlen - 1, dtype=torch.int32, device="cuda")  # the new token fills the last row
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, paged=paged, block_table=block_table, k=k_new, v=v_new,
+                cache_seqlens=seqlens)
+
+
+def ours_fn(flash_attn2, cfg, paged, num_splits):
+    k_cache, v_cache = cfg["paged"] if paged else (cfg["k_cache"], cfg["v_cache"])
+    block_table = cfg["block_table"] if paged else None
+    return lambda: flash_attn2.flash_attn_with_kvcache(cfg["q"], k_cache, v_cache, cfg["k"], cfg["v"],
+                                                       cache_seqlens=cfg["cache_seqlens"], block_table=block_table,
+                                                       num_splits=num_splits)
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph; the returned callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def sdpa_fn(cfg):
+    """SDPA on the dense cache after the append (ours writes the new token into the last row): q (b, h, 1, d)."""
+    q = cfg["q"].transpose(1, 2)
+    k, v = (t.transpose(1, 2) for t in (cfg["k_cache"], cfg["v_cache"]))
+    if "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters:
+        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    group = NHEADS // NHEADS_K
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # outside the timing
+    return lambda: F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_context(backend):
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, backend))
+
+
+def measure(do_bench, fn, args):
+    return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+
+def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
+    torch.manual_seed(args.seed)
+    cfg = make_config(batch, seqlen)
+    rows, notes = [], {}
+    ours_dense = ours_fn(flash_attn2, cfg, False, args.num_splits)
+    out = ours_dense()  # writes the new token (the same row every call: the timed calls do the same work)
+    with torch.no_grad():
+        want = sdpa_fn(cfg)().transpose(1, 2)
+    diff = (out.float() - want.float()).abs().max().item()
+    if not diff <= CHECK_MAX_ABS_DIFF:
+        print(f"   CHECK FAILED: max |ours - SDPA| = {diff:.3e} > {CHECK_MAX_ABS_DIFF}: no times for this config")
+        return rows, 1
+    times = {"ours_dense": measure(do_bench, ours_dense, args),
+             "ours_paged": measure(do_bench, ours_fn(flash_attn2, cfg, True, args.num_splits), args)}
+    if args.graph:
+        times["ours_dense_graph"] = measure(do_bench, graphed(ours_dense), args)
+        times["ours_paged_graph"] = measure(do_bench, graphed(ours_fn(flash_attn2, cfg, True, args.num_splits)), args)
+    sdpa = sdpa_fn(cfg)
+    for backend in (None,) + SDPA_BACKENDS:
+        name = "sdpa_auto" if backend is None else f"sdpa_{backend.split('_')[0].lower()}"
+        try:
+            with sdpa_context(backend):
+                times[name] = measure(do_bench, sdpa, args)
+        except Exception as err:  # a backend that refuses these shapes is a blank, not the end of the run
+            notes[name] = f"unavailable: {str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__}"
+            times[name] = float("nan")
+        torch.cuda.empty_cache()
+    finite = [ms for name, ms in times.items() if name.startswith("sdpa_") and math.isfinite(ms)]
+    best_sdpa = min(finite, default=float("nan"))
+    times["sdpa_best"] = best_sdpa
+    nbytes = kv_bytes(batch, seqlen)
+    for name, ms in times.items():
+        bw = nbytes / (ms * 1e-3) if math.isfinite(ms) else float("nan")
+        rows.append(dict(backend=name, batch=batch, seqlen_cache=seqlen, ms=ms, tb_per_s=bw / 1e12,
+                         fraction_of_copy=bw / copy_bw, ratio_vs_sdpa=best_sdpa / ms if math.isfinite(ms) else math.nan,
+                         note=notes.get(name, f"max |ours - SDPA| {diff:.2e}" if name == "ours_dense" else "")))
+    del cfg
+    torch.cuda.empty_cache()
+    return rows, 0
+
+
+def print_rows(rows):
+    print(f"   {'backend':18s} {'ms':>9s} {'TB/s':>7s} {'of copy':>8s} {'SDPA/ours':>9s}  note")
+    for row in rows:
+        print(f"   {row['backend']:18s} {row['ms']:9.4f} {row['tb_per_s']:7.3f} {row['fraction_of_copy']:8.1%} "
+              f"{row['ratio_vs_sdpa']:9.2f}  {row['note']}".rstrip(), flush=True)
+
+
+def plot(rows, args, copy_bw):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {args.plot}")
+        return
+    fig, axes = plt.subplots(1, len(args.batches), squeeze=False, figsize=(4.5 * len(args.batches), 3.6))
+    for ax, batch in zip(axes[0], args.batches):
+        for backend in ("ours_dense", "ours_paged", "sdpa_best"):
+            points = sorted((r["seqlen_cache"], r["tb_per_s"]) for r in rows
+                            if r["batch"] == batch and r["backend"] == backend)
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=backend)
+        ax.axhline(copy_bw / 1e12, linestyle="--", color="gray", label="copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cache length")
+        ax.set_ylabel("TB/s (K+V read)")
+        ax.set_title(f"batch {batch}")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{torch.cuda.get_device_name()}: decode, bf16 hdim {HDIM}, h {NHEADS} h_k {NHEADS_K}")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot written to {args.plot}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmark_decode.py needs a CUDA GPU (torch.cuda.is_available() is False).")
+    from triton.testing import do_bench
+
+    flash_attn2 = import_flash_attn2()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, flash_attn2 {flash_attn2.__version__}; "
+          f"num_splits {args.num_splits}")
+    copy_bw = copy_bandwidth(do_bench, args)
+    print(f"device-to-device copy: {copy_bw / 1e12:.3f} TB/s (bytes read + written)")
+    rows, failures = [], 0
+    for batch in args.batches:
+        for seqlen in args.seqlens:
+            print(f"-- batch {batch} cache {seqlen} ({kv_bytes(batch, seqlen) / 2**30:.2f} GiB of K+V)", flush=True)
+            if not fits(batch, seqlen):
+                print("   skipped: does not fit in GPU memory")
+                continue
+            measured, failed = run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw)
+            print_rows(measured)
+            rows += measured
+            failures += failed
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"csv written to {args.csv}")
+    if args.plot and rows:
+        plot(rows, args, copy_bw)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
