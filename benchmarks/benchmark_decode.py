@@ -20,7 +20,6 @@ takes the launch overhead out (what a serving loop that captures its decode step
 import argparse
 import contextlib
 import csv
-import inspect
 import math
 import os
 import sys
@@ -129,14 +128,19 @@ def graphed(fn):
 
 
 def sdpa_fn(cfg):
-    """SDPA on the dense cache after the append (ours writes the new token into the last row): q (b, h, 1, d)."""
+    """SDPA on the dense cache after the append (ours writes the new token into the last row): q (b, h, 1, d),
+    k and v as contiguous (b, h_k, s, d) copies made outside the timing (SDPA's preferred layout)."""
     q = cfg["q"].transpose(1, 2)
-    k, v = (t.transpose(1, 2) for t in (cfg["k_cache"], cfg["v_cache"]))
-    if "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters:
+    k, v = (t.transpose(1, 2).contiguous() for t in (cfg["k_cache"], cfg["v_cache"]))
+    if TORCH_HAS_ENABLE_GQA:
         return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     group = NHEADS // NHEADS_K
     k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # outside the timing
     return lambda: F.scaled_dot_product_attention(q, k, v)
+
+
+TORCH_HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+"""scaled_dot_product_attention takes enable_gqa from torch 2.5 on (a builtin: inspect cannot read its signature)."""
 
 
 def sdpa_context(backend):

@@ -358,17 +358,26 @@ int kvcache_num_splits(KVCacheParams const& p) {
   int num_sms = 0;
   if (!device_attribute(cudaDevAttrMultiProcessorCount, num_sms).ok() || num_sms <= 0) { return 1; }
   KVCacheKernelInfo const info = kernel->info();
-  // Fill every SM with two CTAs (the tile is sized for that) when batch x heads x query blocks leaves
-  // them idle; each split keeps at least kMinBlocksPerSplit key blocks so its prologue and the combine
-  // stay small next to its loop. kMaxSplits bounds the fp32 workspace.
+  // Split only when batch x heads x query blocks leaves SM slots (two CTAs per SM, what the tile is sized
+  // for) idle, and then take the fewest splits whose grid fills its last wave best (within 5% of the best
+  // fill): a grid of 1.2 waves runs as long as one of 2. Each split keeps at least kMinBlocksPerSplit key
+  // blocks so its prologue and the combine stay small next to its loop; kMaxSplits bounds the workspace.
   constexpr int kCtasPerSm = 2, kMinBlocksPerSplit = 2, kMaxSplits = 128;
   int64_t const ctas = int64_t(p.batch) * p.num_heads * ((p.seqlen_q + info.block_m - 1) / info.block_m);
   int const n_blocks = (p.seqlen_k + info.block_n - 1) / info.block_n;
-  int64_t const target = int64_t(num_sms) * kCtasPerSm;
-  if (ctas <= 0 || ctas >= target * 8 / 10) { return 1; }
-  int64_t splits = (target + ctas - 1) / ctas;
-  splits = std::min<int64_t>(splits, std::max(n_blocks / kMinBlocksPerSplit, 1));
-  return int(std::max<int64_t>(std::min<int64_t>(splits, kMaxSplits), 1));
+  int64_t const slots = int64_t(num_sms) * kCtasPerSm;
+  if (ctas <= 0 || ctas >= slots * 8 / 10) { return 1; }
+  int const limit = int(std::min<int64_t>({kMaxSplits, std::max(n_blocks / kMinBlocksPerSplit, 1), 4 * slots / ctas + 1}));
+  auto fill = [&](int s) {  // busy share of the slots over the grid's waves
+    int64_t const total = ctas * s;
+    return double(total) / double((total + slots - 1) / slots * slots);
+  };
+  double best = 0.0;
+  for (int s = 1; s <= limit; ++s) { best = std::max(best, fill(s)); }
+  for (int s = 1; s <= limit; ++s) {
+    if (fill(s) >= 0.95 * best) { return s; }
+  }
+  return 1;
 }
 
 size_t kvcache_out_accum_floats(KVCacheParams const& p) {
