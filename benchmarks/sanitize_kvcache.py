@@ -35,7 +35,8 @@ def main():
                 block_table = torch.randperm(num_pages, device="cuda")[: BATCH * pages_per_seq].view(
                     BATCH, pages_per_seq).int()
             else:
-                k_cache = torch.randn(BATCH + 1, S_CACHE, NHEADS_K, HEAD_DIM, device="cuda", dtype=dtype)
+                cache_rows = BATCH + 1 if extras else BATCH  # an unused row when cache_batch_idx picks rows
+                k_cache = torch.randn(cache_rows, S_CACHE, NHEADS_K, HEAD_DIM, device="cuda", dtype=dtype)
                 block_table = None
             v_cache = torch.randn_like(k_cache)
             q = torch.randn(BATCH, seqlen_q, NHEADS, HEAD_DIM, device="cuda", dtype=dtype)
