@@ -51,8 +51,9 @@ def main():
             if extras:
                 kwargs = dict(cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32, device="cuda"),
                               cache_leftpad=torch.tensor([3, 0], dtype=torch.int32, device="cuda"))
+            rotary = dict(rotary_cos=cos, rotary_sin=sin) if s_new else {}  # rotary rotates appended keys
             out, lse = flash_attn2.flash_attn_with_kvcache(
-                q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=cache_seqlens,
+                q, k_cache, v_cache, k, v, **rotary, cache_seqlens=cache_seqlens,
                 block_table=block_table, causal=causal, window_size=window, num_splits=splits,
                 return_softmax_lse=True, **kwargs)
             torch.cuda.synchronize()
