@@ -56,6 +56,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from checkout import import_flash_attn2
 
 BACKENDS = ("ours", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 SDPA_BACKENDS = {
@@ -259,16 +260,6 @@ def default_backends(args):
     """ours, the companions its mode compares it with, then PyTorch's backends."""
     ours = ["ours"] + ["ours_plain"] * args.modifiers.active + ["ours_dense"] * (args.varlen == "equal")
     return ours + list(SDPA_BACKENDS) + ["torch_varlen"] * (args.varlen is not None)
-
-
-def import_flash_attn2():
-    """The installed flash_attn2, else the one in this checkout (after `setup.py build_ext --inplace`)."""
-    try:
-        import flash_attn2
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import flash_attn2
-    return flash_attn2
 
 
 def effective_window(window, causal):

@@ -21,11 +21,11 @@ import argparse
 import contextlib
 import csv
 import math
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
+from checkout import import_flash_attn2
 
 NHEADS, NHEADS_K, HDIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -55,16 +55,6 @@ def parse_args(argv=None):
     args.batches = [int(x) for x in args.batches.split(",") if x.strip()]
     args.seqlens = [int(x) for x in args.seqlens.split(",") if x.strip()]
     return args
-
-
-def import_flash_attn2():
-    """The installed flash_attn2, else the one in this checkout."""
-    try:
-        import flash_attn2
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import flash_attn2
-    return flash_attn2
 
 
 def kv_bytes(batch, seqlen):

@@ -1,25 +1,13 @@
 """What sanitize_fwd.py and sanitize_bwd.py share: the small shapes, the kernel families, and the
 choice of cases from a build's kernels."""
 
-import os
-import sys
-
 import torch
+from checkout import import_flash_attn2  # noqa: F401  (the sanitizers import it from here)
 
 SHAPES = ((65, 65), (128, 128), (65, 128), (128, 65))  # (seqlen_q, seqlen_k)
 BATCH, NHEADS = 1, 2
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = ((64, 32, 128), (96,), (256, 192))  # kernel head dims sharing one code shape; first built wins
-
-
-def import_flash_attn2():
-    """The installed flash_attn2, else the one in this checkout (after `setup.py build_ext --inplace`)."""
-    try:
-        import flash_attn2
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import flash_attn2
-    return flash_attn2
 
 
 def choose_cases(kernels, script):

@@ -16,6 +16,7 @@ Two parts:
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
+from packing import cu_seqlens
 
 from flash_attn2 import (
     _ops,
@@ -33,9 +34,6 @@ def make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, requires_gra
     shapes = [(batch, seqlen_q, nheads, head_dim)] + [(batch, seqlen_k, nheads_k, head_dim)] * 2
     return [torch.randn(s, dtype=torch.float64, requires_grad=requires_grad) for s in shapes]
 
-
-def cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
 
 
 # gradcheck of the CPU path (the public API on CPU tensors).

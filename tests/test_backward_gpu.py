@@ -17,6 +17,7 @@ import pytest
 import torch
 from kernel_grid import grid_or_skip, kernel_id, one_kernel_per_dtype_and_mask, plain_kernels
 from torch.utils.checkpoint import checkpoint
+from packing import cu_seqlens
 
 from flash_attn2 import (
     _ops,
@@ -466,9 +467,6 @@ LENGTHS = {
 }
 
 
-def cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("nheads_k", [2, NHEADS])
@@ -477,7 +475,7 @@ def cu_seqlens(lengths):
 def test_varlen_backward_matches_reference_per_sequence(kernel, lengths, nheads_k, deterministic):
     lens_q, lens_k = LENGTHS[lengths]
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
-    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    cu_q, cu_k = cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
     q = torch.randn(sum(lens_q), NHEADS, d, dtype=dtype, device="cuda", requires_grad=True)
     k, v = (torch.randn(sum(lens_k), nheads_k, d, dtype=dtype, device="cuda", requires_grad=True) for _ in range(2))
     grad_out = torch.randn_like(q)
@@ -513,7 +511,7 @@ def test_varlen_backward_matches_reference_per_sequence(kernel, lengths, nheads_
 def test_varlen_qkvpacked_gives_the_unpacked_grads(kernel):
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
     lens = [300, 1, 77]
-    cu = cu_seqlens(lens)
+    cu = cu_seqlens(lens, "cuda")
     qkv = torch.randn(sum(lens), 3, NHEADS, d, dtype=dtype, device="cuda", requires_grad=True)
     grad_out = torch.randn(sum(lens), NHEADS, d, dtype=dtype, device="cuda")
     (dqkv,) = run_backward(
@@ -537,7 +535,7 @@ def test_varlen_with_equal_lengths_gives_the_dense_grads(kernel):
     q, k, v = make_qkv(batch, seqlen, seqlen, NHEADS, NHEADS, d, dtype)  # MHA: GQA's head sum is not under test
     grad_out = torch.randn_like(q)
     dense = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)
-    cu = cu_seqlens([seqlen] * batch)
+    cu = cu_seqlens([seqlen] * batch, "cuda")
     packed = [t.detach().reshape(batch * seqlen, *t.shape[2:]).requires_grad_() for t in (q, k, v)]
     grads = run_backward(
         lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, seqlen, seqlen, causal=causal, deterministic=True),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_modifiers_gpu import assert_out_within_rule as within_rule
 
 from flash_attn2 import _ops, flash_attn_with_kvcache
 from flash_attn2.reference import append_kv_cache, kvcache_attention_ref
@@ -35,8 +36,6 @@ CAPACITY = 512
 SPARE_PAGES = 3
 """Pages of a paged cache that no sequence owns: they must stay poisoned."""
 ROTARY_BASE = 10000.0
-OUT_ATOL = 1e-5
-ERROR_RATIO = 2.0
 LSE_TOLERANCE = {"rtol": 1e-3, "atol": 1e-3}
 ALIBI_MAX_SLOPE = 0.25
 POISON = float("nan")
@@ -226,9 +225,7 @@ def assert_cache(actual, want, rotated):
 
 def assert_out_within_rule(out, ref, ref_lowp):
     assert torch.isfinite(out).all(), "NaN/inf in out: the kernel read a poisoned cache row"
-    error = (out.float() - ref).abs().max().item()
-    baseline = (ref_lowp.float() - ref).abs().max().item()
-    assert error <= ERROR_RATIO * baseline + OUT_ATOL, f"max error {error:.3e} > {ERROR_RATIO} x PyTorch's {baseline:.3e}"
+    within_rule("out", out, ref, ref_lowp)
 
 
 @pytest.mark.parametrize("case", CASES)

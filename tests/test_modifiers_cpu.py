@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from packing import cu_seqlens
+from test_reference_cpu import make_qkv, naive_attention
 
 from flash_attn2 import (
     _ops,
@@ -31,50 +33,6 @@ from flash_attn2.reference import (
     attention_ref,
     attention_ref_varlen,
 )
-
-
-def make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype=torch.float64, requires_grad=False):
-    shapes = [(batch, seqlen_q, nheads, head_dim)] + [(batch, seqlen_k, nheads_k, head_dim)] * 2
-    return [torch.randn(s, dtype=dtype, requires_grad=requires_grad) for s in shapes]
-
-
-def cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
-
-
-def naive_attention(q, k, v, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
-    """One query row at a time, straight from the definition (module docstring of reference.py), in float64."""
-    q, k, v = q.double(), k.double(), v.double()
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    left, right = window_size
-    if causal:
-        right = 0
-    out = torch.zeros(batch, seqlen_q, nheads, head_dim, dtype=torch.float64)
-    lse = torch.full((batch, nheads, seqlen_q), math.inf, dtype=torch.float64)
-    for b in range(batch):
-        for h in range(nheads):
-            kv_head = h // (nheads // nheads_k)
-            for i in range(seqlen_q):
-                diagonal = i + seqlen_k - seqlen_q
-                keys = [j for j in range(seqlen_k)
-                        if (left < 0 or j >= diagonal - left) and (right < 0 or j <= diagonal + right)]
-                if not keys:
-                    continue
-                scores = []
-                for j in keys:
-                    z = float(q[b, i, h] @ k[b, j, kv_head]) * softmax_scale
-                    if softcap > 0:
-                        z = softcap * math.tanh(z / softcap)
-                    if alibi_slopes is not None:
-                        slope = alibi_slopes[h] if alibi_slopes.dim() == 1 else alibi_slopes[b, h]
-                        z -= float(slope) * abs(diagonal - j)
-                    scores.append(z)
-                scores = torch.tensor(scores, dtype=torch.float64)
-                weights = torch.softmax(scores, dim=0)
-                out[b, i, h] = sum(w * v[b, j, kv_head] for w, j in zip(weights, keys))
-                lse[b, h, i] = torch.logsumexp(scores, dim=0)
-    return out, lse
 
 
 def assert_close_f64(actual, expected, tol=1e-10):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from test_backward_gpu import assert_equal_grads, assert_grad_within_rule, reference_grads, run_backward
+from packing import cu_seqlens
 
 from flash_attn2 import _ops, flash_attn_func, flash_attn_varlen_func
 from flash_attn2._autograd import FlashAttnFunction
@@ -126,9 +127,6 @@ def make_dense(dtype, head_dim, seqlen_q, seqlen_k, nheads_k, requires_grad=Fals
     shapes = [(BATCH, seqlen_q, NHEADS, head_dim)] + [(BATCH, seqlen_k, nheads_k, head_dim)] * 2
     return [torch.randn(s, dtype=TORCH_DTYPES[dtype], device="cuda", requires_grad=requires_grad) for s in shapes]
 
-
-def cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
 
 
 def new_rng_state():
@@ -432,14 +430,14 @@ def make_varlen(dtype, head_dim, requires_grad=False):
     lens_q, lens_k = VARLEN_LENGTHS
     shapes = [(sum(lens_q), NHEADS, head_dim)] + [(sum(lens_k), VARLEN_NHEADS_K, head_dim)] * 2
     q, k, v = (torch.randn(s, dtype=TORCH_DTYPES[dtype], device="cuda", requires_grad=requires_grad) for s in shapes)
-    varlen = (cu_seqlens(lens_q), cu_seqlens(lens_k), max(lens_q), max(lens_k))
+    varlen = (cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda"), max(lens_q), max(lens_k))
     return q, k, v, varlen
 
 
 def sequences():
     """Per sequence: (index, rows of q, rows of k, seqlen_q, seqlen_k)."""
     lens_q, lens_k = VARLEN_LENGTHS
-    starts_q, starts_k = cu_seqlens(lens_q).tolist(), cu_seqlens(lens_k).tolist()
+    starts_q, starts_k = cu_seqlens(lens_q, "cuda").tolist(), cu_seqlens(lens_k, "cuda").tolist()
     for b, (len_q, len_k) in enumerate(zip(lens_q, lens_k)):
         yield b, slice(starts_q[b], starts_q[b] + len_q), slice(starts_k[b], starts_k[b] + len_k), len_q, len_k
 
@@ -575,7 +573,7 @@ def test_varlen_refuses_bad_modifier_argument(bad):
     lens = [5, 9]
     q, k, v = (torch.randn(sum(lens), NHEADS, kernel.head_dim, dtype=TORCH_DTYPES[kernel.dtype], device="cuda")
                for _ in range(3))
-    cu = cu_seqlens(lens)
+    cu = cu_seqlens(lens, "cuda")
     kwargs, phrase = _bad_kwargs(bad)
     with pytest.raises((ValueError, TypeError), match=f"(?i){phrase}"):
         flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), **kwargs)

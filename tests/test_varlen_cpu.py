@@ -3,6 +3,7 @@ argument checks of the varlen functions."""
 
 import pytest
 import torch
+from packing import cu_seqlens
 
 from flash_attn2 import (
     flash_attn_func,
@@ -13,9 +14,6 @@ from flash_attn2 import (
 from flash_attn2.bert_padding import pad_input, unpad_input
 from flash_attn2.reference import attention_ref
 
-
-def cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -6,8 +6,9 @@ the float32 reference, computed per sequence), on NaN-poisoned memory.
 import pytest
 import torch
 from kernel_grid import plain_kernels
+from packing import cu_seqlens
 
-from flash_attn2 import _ops, flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func
+from flash_attn2 import flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func
 from flash_attn2.bert_padding import pad_input, unpad_input
 from flash_attn2.reference import attention_ref_varlen
 
@@ -34,9 +35,6 @@ def _kernels_near_128():
     return params or [pytest.param(None, marks=pytest.mark.skip(reason="no compiled kernel"))]
 
 
-def cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-
 
 def packed(total, heads, head_dim, dtype):
     return torch.randn(total, heads, head_dim, dtype=dtype, device="cuda")
@@ -48,7 +46,7 @@ def packed(total, heads, head_dim, dtype):
 def test_varlen_matches_reference(kernel, lengths, nheads_k):
     lens_q, lens_k = LENGTHS[lengths]
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
-    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    cu_q, cu_k = cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
     q, k, v = packed(sum(lens_q), NHEADS, d, dtype), packed(sum(lens_k), nheads_k, d, dtype), packed(sum(lens_k), nheads_k, d, dtype)
     # Poison the allocator with blocks of the outputs' sizes; max_seqlen larger than the true maxima.
     del_me = (torch.full_like(q, float("nan")), torch.full((NHEADS, q.shape[0]), float("nan"), device="cuda"))
@@ -73,7 +71,7 @@ def test_varlen_with_equal_lengths_is_bitwise_the_dense_path(kernel):
     batch, seqlen = 3, 333
     q, k, v = (torch.randn(batch, seqlen, NHEADS, d, dtype=dtype, device="cuda") for _ in range(3))
     dense_out, dense_lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
-    cu = cu_seqlens([seqlen] * batch)
+    cu = cu_seqlens([seqlen] * batch, "cuda")
     out, lse, _ = flash_attn_varlen_func(
         *(t.reshape(batch * seqlen, NHEADS, d) for t in (q, k, v)), cu, cu, seqlen, seqlen, causal=causal,
         return_attn_probs=True,
@@ -103,7 +101,7 @@ def test_unpad_varlen_pad_equals_dense_on_the_real_tokens(kernel):
 def test_varlen_compiles_without_graph_break(kernel):
     causal, dtype, d = kernel.mask == "causal", TORCH_DTYPES[kernel.dtype], kernel.head_dim
     lens = [5, 100, 33]
-    cu = cu_seqlens(lens)
+    cu = cu_seqlens(lens, "cuda")
     q, k, v = (packed(sum(lens), NHEADS, d, dtype) for _ in range(3))
 
     def step(q, k, v, cu):
@@ -121,12 +119,12 @@ def test_varlen_is_capturable_in_a_cuda_graph():
     dtype, d = TORCH_DTYPES[kernel.dtype], kernel.head_dim
     total = 400
     q, k, v = (packed(total, NHEADS, d, dtype) for _ in range(3))
-    cu = cu_seqlens([100, 300])
+    cu = cu_seqlens([100, 300], "cuda")
     flash_attn_varlen_func(q, k, v, cu, cu, 512, 512)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = flash_attn_varlen_func(q, k, v, cu, cu, 512, 512)
-    cu.copy_(cu_seqlens([250, 150]))
+    cu.copy_(cu_seqlens([250, 150], "cuda"))
     graph.replay()
     torch.cuda.synchronize()
     ref, _ = attention_ref_varlen(q, k, v, cu, cu)

@@ -422,12 +422,12 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd_kvcache(
     TORCH_CHECK(appended.ok(), appended.message);
   }
 
-  // 2. Attention over the cache. One query row attends alike whatever the causal flag (it sees every
-  // key), so decoding without a window packs the query heads of each KV head into the query tile: q
-  // (b, 1, h_k * g, d) viewed as (b, g, h_k, d), a strided view, reads every K/V tile once per group.
-  bool const one_row_causal = seqlen_q == 1 && causal;
-  bool const pack_gqa = seqlen_q == 1 && num_heads > num_heads_k && window_left < 0 &&
-                        (window_right < 0 || one_row_causal) && !alibi_slopes.has_value();
+  // 2. Attention over the cache. One query row sees every key up to the last whatever causal or a right
+  // window say, so decoding without a left window or ALiBi (both depend on the row's position) packs the
+  // query heads of each KV head into the query tile: q (b, 1, h_k * g, d) viewed as (b, g, h_k, d), a
+  // strided view, reads every K/V tile once per group.
+  bool const one_row = seqlen_q == 1;
+  bool const pack_gqa = one_row && num_heads > num_heads_k && window_left < 0 && !alibi_slopes.has_value();
   int64_t const group = num_heads / num_heads_k;
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({batch, num_heads, seqlen_q}, q.options().dtype(at::kFloat));
@@ -453,7 +453,9 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd_kvcache(
   p.head_dim = int(head_dim);
   p.softmax_scale = float(softmax_scale);
   p.dtype = dtype;
-  set_mask(p, seqlen_q == 1 ? false : causal, window_left, one_row_causal && window_left < 0 ? -1 : window_right);
+  // One query row sits on the last key's diagonal: no key lies right of it, so causal and a right window
+  // change nothing there (and must not, once its heads are packed as rows).
+  set_mask(p, one_row ? false : causal, window_left, one_row ? -1 : window_right);
   set_modifiers(p, q, softcap, alibi_slopes, 0.0, std::nullopt);
   p.cache_seqlens = cache_seqlens.data_ptr<int>();
   p.seqlen_new = int(seqlen_new);

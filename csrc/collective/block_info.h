@@ -43,8 +43,8 @@ struct FwdBlockInfo {
 };
 
 // The KV-cache view: q, out and lse as a dense batch; keys from the cache row of the sequence, after
-// its left padding. For a paged cache k_offset / v_offset hold the head's offset only: each key's page
-// is looked up per row (KVCacheRows).
+// its left padding. For a paged cache k_offset / v_offset hold the head's offset only: the kernel looks
+// each key's page up per row.
 struct KVCacheBlockInfo : FwdBlockInfo {
   CUTE_DEVICE KVCacheBlockInfo(KVCacheParams const& p, int batch, int head)
       : FwdBlockInfo(static_cast<FwdParams const&>(p), batch, head) {
@@ -53,16 +53,16 @@ struct KVCacheBlockInfo : FwdBlockInfo {
     // The append stops at the capacity (seqlen_k), so no key past it exists.
     int const end = min(p.cache_seqlens[batch] + p.seqlen_new, p.seqlen_k);
     seqlen_k = max(end - leftpad, 0);
-    if (p.block_table != nullptr) {
-      k_offset = head_k * p.k_head_stride;
-      v_offset = head_k * p.v_head_stride;
-    } else {
-      int const row = p.cache_batch_idx == nullptr ? batch : p.cache_batch_idx[batch];
-      if (row < 0 || row >= p.cache_batch) { seqlen_k = 0; }  // a bad index attends to nothing
-      int64_t const safe_row = row < 0 || row >= p.cache_batch ? 0 : row;
-      k_offset = safe_row * p.k_batch_stride + int64_t(leftpad) * p.k_row_stride + head_k * p.k_head_stride;
-      v_offset = safe_row * p.v_batch_stride + int64_t(leftpad) * p.v_row_stride + head_k * p.v_head_stride;
+    int64_t row = 0;  // the dense cache row; a paged cache's offsets start at the head
+    if (p.block_table == nullptr) {
+      int const picked = p.cache_batch_idx == nullptr ? batch : p.cache_batch_idx[batch];
+      bool const valid = picked >= 0 && picked < p.cache_batch;
+      if (!valid) { seqlen_k = 0; }  // a bad index attends to nothing
+      row = valid ? picked : 0;
     }
+    // leftpad is 0 for a paged cache (the dispatcher refuses cache_leftpad with a block table).
+    k_offset = row * p.k_batch_stride + int64_t(leftpad) * p.k_row_stride + head_k * p.k_head_stride;
+    v_offset = row * p.v_batch_stride + int64_t(leftpad) * p.v_row_stride + head_k * p.v_head_stride;
   }
 };
 

@@ -1,7 +1,7 @@
 // FlashAttention-2 forward on mma.sync (sm80, and sm90 through the same code).
-// One CTA per (query block, head, batch), and per split of the key blocks for the KV-cache kernels. The CTA keeps its Q tile in shared memory, walks the key
-// blocks from the last visible one down to the first, and keeps O, the running max and the running sum
-// in registers. K and V each have one shared buffer; their loads alternate so that one is always in
+// One CTA per (query block, head, batch), and per split of the key blocks for the KV-cache kernels. The
+// CTA keeps its Q tile in shared memory, walks the key blocks from the last visible one down to the first,
+// and keeps O, the running max and the running sum in registers. K and V each have one shared buffer; their loads alternate so that one is always in
 // flight under the other's GEMM: K[n-1] streams in during softmax + P V of block n, V[n] during Q K[n]^T.
 #pragma once
 
@@ -93,7 +93,16 @@ struct FlashFwdKernelSm80 {
     };
     Tensor gQ = tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{});  // (kBlockM, kHeadDim)
     Tensor gO = tile(o_ptr, params.out_row_stride, m_block, Int<kBlockM>{});  // (kBlockM, kHeadDim)
-    Tensor mLSE = make_tensor(make_gmem_ptr(params.softmax_lse + binfo.lse_offset), make_shape(binfo.seqlen_q));
+    // A split's rows (lse and O) go to its slice of the fp32 accumulators, laid out as softmax_lse is.
+    int64_t split_rows = 0;
+    float* lse_base = params.softmax_lse;
+    if constexpr (kKVCache) {
+      if (splits > 1) {
+        split_rows = int64_t(split) * params.batch * params.num_heads * params.seqlen_q;
+        lse_base = params.lse_accum + split_rows;
+      }
+    }
+    Tensor mLSE = make_tensor(make_gmem_ptr(lse_base + binfo.lse_offset), make_shape(binfo.seqlen_q));
 
     Tensor sQ = make_tensor(make_smem_ptr(storage.q.data()), typename Traits::SmemLayoutQ{});   // (kBlockM, kHeadDim)
     Tensor sK = make_tensor(make_smem_ptr(storage.k.data()), typename Traits::SmemLayoutKV{});  // (kBlockN, kHeadDim)
@@ -232,30 +241,6 @@ struct FlashFwdKernelSm80 {
     Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tOcO = thr_mma.partition_C(cO);  // (MMA, MMA_M, MMA_K) -> (row, col)
     Tensor tOcO_rowcol = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));  // (rows, cols) -> (row, col)
-    if constexpr (kKVCache) {
-      if (splits > 1) {
-        // This split's normalised output and lse, fp32, for the combine kernel. A split that saw no key
-        // leaves lse = +inf and O = 0, which the combine weighs as nothing.
-        int64_t const row0 = ((int64_t(split) * params.batch + batch) * params.num_heads + head) * params.seqlen_q +
-                             int64_t(m_block) * kBlockM;
-        float* const o_accum = params.out_accum + row0 * head_dim;
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_o); ++i) {
-          int const row = get<0>(tOcO(i));
-          int const col = get<1>(tOcO(i));
-          if (row < rows_q && col < head_dim) { o_accum[int64_t(row) * head_dim + col] = acc_o(i); }
-        }
-        if (get<1>(tOcO_rowcol(0, 0)) == 0) {
-          CUTE_UNROLL
-          for (int r = 0; r < size(lse); ++r) {
-            int const row = get<0>(tOcO_rowcol(r, 0));
-            if (row < rows_q) { params.lse_accum[row0 + row] = lse(r); }
-          }
-        }
-        return;
-      }
-    }
-    Tensor rO = convert_fragment<Element>(acc_o);
     if (get<1>(tOcO_rowcol(0, 0)) == 0) {  // the quad's first lane owns the row
       CUTE_UNROLL
       for (int r = 0; r < size(lse); ++r) {
@@ -263,6 +248,22 @@ struct FlashFwdKernelSm80 {
         if (row < rows_q) { mLSE(m_block * kBlockM + row) = lse(r); }
       }
     }
+    if constexpr (kKVCache) {
+      if (splits > 1) {
+        // This split's normalised output, fp32, for the combine kernel. A split that saw no key leaves
+        // lse = +inf and O = 0, which the combine weighs as nothing.
+        float* const o_accum =
+            params.out_accum + (split_rows + binfo.lse_offset + int64_t(m_block) * kBlockM) * head_dim;
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_o); ++i) {
+          int const row = get<0>(tOcO(i));
+          int const col = get<1>(tOcO(i));
+          if (row < rows_q && col < head_dim) { o_accum[int64_t(row) * head_dim + col] = acc_o(i); }
+        }
+        return;
+      }
+    }
+    Tensor rO = convert_fragment<Element>(acc_o);
 
     auto smem_tiled_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
     auto smem_thr_copy_o = smem_tiled_copy_o.get_thread_slice(tidx);

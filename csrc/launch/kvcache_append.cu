@@ -27,11 +27,11 @@ template <> struct Scalar<__nv_bfloat16> {
 };
 
 // Copies one row of head_dim features from src to dst, rotating the first rotary_dim of them by the
-// angles of position pos (no rotation when rotary_dim is 0 or pos is outside the table).
+// angles of position pos when with_rotary (no rotation when rotary_dim is 0 or pos is outside the table).
 template <class T>
-__device__ void rotate_row(KVCacheAppendParams const& p, T const* src, T* dst, int pos) {
+__device__ void rotate_row(KVCacheAppendParams const& p, T const* src, T* dst, int pos, bool with_rotary) {
   using S = Scalar<T>;
-  bool const rotate = p.rotary_dim > 0 && pos >= 0 && pos < p.seqlen_ro;
+  bool const rotate = with_rotary && p.rotary_dim > 0 && pos >= 0 && pos < p.seqlen_ro;
   int const half = p.rotary_dim / 2;
   T const* const cos = static_cast<T const*>(p.rotary_cos) + int64_t(rotate ? pos : 0) * half;
   T const* const sin = static_cast<T const*>(p.rotary_sin) + int64_t(rotate ? pos : 0) * half;
@@ -65,27 +65,27 @@ __global__ void __launch_bounds__(kThreads) kvcache_append_kernel(KVCacheAppendP
     int const leftpad = p.cache_leftpad == nullptr ? 0 : p.cache_leftpad[b];
     int const row = start + i;
     if (row < 0 || row >= p.capacity) { return; }  // past the cache: not written (the caller was told)
-    int64_t base;  // of the cache row, in elements, without the head
+    // Where the row lives: (page, row in the page) of a paged cache, (cache row, row) of a dense one.
+    int64_t slot, slot_row;
     if (p.block_table != nullptr) {
       int const page = p.block_table[b * p.block_table_batch_stride + row / p.page_size];
       if (page < 0 || page >= p.num_pages) { return; }
-      base = int64_t(page) * p.k_cache_batch_stride + int64_t(row % p.page_size) * p.k_cache_row_stride;
+      slot = page, slot_row = row % p.page_size;
     } else {
       int const cache_row = p.cache_batch_idx == nullptr ? b : p.cache_batch_idx[b];
       if (cache_row < 0 || cache_row >= p.cache_batch) { return; }
-      base = int64_t(cache_row) * p.k_cache_batch_stride + int64_t(row) * p.k_cache_row_stride;
+      slot = cache_row, slot_row = row;
     }
-    // k and v caches share their layout (checked by the caller), so one base serves both.
     T const* const k_src = static_cast<T const*>(p.k_new) + b * p.k_new_batch_stride + i * p.k_new_row_stride +
                            head * p.k_new_head_stride;
     T const* const v_src = static_cast<T const*>(p.v_new) + b * p.v_new_batch_stride + i * p.v_new_row_stride +
                            head * p.v_new_head_stride;
-    T* const k_dst = static_cast<T*>(p.k_cache) + base + head * p.k_cache_head_stride;
-    T* const v_dst = static_cast<T*>(p.v_cache) + base + head * p.v_cache_head_stride;
-    rotate_row(p, k_src, k_dst, start - leftpad + i);
-    KVCacheAppendParams plain = p;
-    plain.rotary_dim = 0;
-    rotate_row(plain, v_src, v_dst, 0);
+    T* const k_dst = static_cast<T*>(p.k_cache) + slot * p.k_cache_batch_stride + slot_row * p.k_cache_row_stride +
+                     head * p.k_cache_head_stride;
+    T* const v_dst = static_cast<T*>(p.v_cache) + slot * p.v_cache_batch_stride + slot_row * p.v_cache_row_stride +
+                     head * p.v_cache_head_stride;
+    rotate_row(p, k_src, k_dst, start - leftpad + i, true);
+    rotate_row(p, v_src, v_dst, 0, false);
   } else {
     if (idx >= p.batch * p.seqlen_q * p.num_heads) { return; }
     int const head = idx % p.num_heads;
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) kvcache_append_kernel(KVCacheAppendP
     T const* const src = static_cast<T const*>(p.q) + b * p.q_batch_stride + i * p.q_row_stride + head * p.q_head_stride;
     T* const dst = static_cast<T*>(p.q_rotated) + b * p.q_rotated_batch_stride + i * p.q_rotated_row_stride +
                    head * p.q_rotated_head_stride;
-    rotate_row(p, src, dst, pos);
+    rotate_row(p, src, dst, pos, true);
   }
 }
 
