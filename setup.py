@@ -7,7 +7,8 @@ Build variables (all optional):
     FLASH_ATTN2_HEAD_DIMS      build only these head-dim kernels, e.g. "64,128" (default: all).
     FLASH_ATTN2_DTYPES         build only these dtypes, e.g. "bf16" (default: fp16,bf16).
     FLASH_ATTN2_MASKS          build only these masks, e.g. "none,causal" (default: none,causal,local).
-    FLASH_ATTN2_MODIFIERS      "plain" and/or "mod" (softcap, ALiBi, dropout) kernels (default: both).
+    FLASH_ATTN2_MODIFIERS      modifier families of "plain,softcap,alibi,mod" (default: all); "mod" (softcap,
+                               ALiBi, dropout in any combination) also serves softcap and ALiBi calls.
     FLASH_ATTN2_PTXAS_VERBOSE  "1": ptxas reports registers, shared memory and spills per kernel.
     MAX_JOBS                   compiler processes run at once (read by torch's ninja build).
     CUDA_HOME                  CUDA toolkit root; found automatically (third_party/find_cuda.py).

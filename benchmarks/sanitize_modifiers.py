@@ -3,7 +3,7 @@
 racecheck): run_on_device.sh runs it after sanitize_fwd.py and sanitize_bwd.py.
 
 Forward and backward of the sliding-window kernels ("local") and of the kernels with the score
-modifiers ("mod": softcap, ALiBi, dropout), alone and together, at sanitize_fwd.py's shapes (lengths that
+modifiers (the "softcap" and "alibi" families alone, "mod" for dropout and combinations), at sanitize_fwd.py's shapes (lengths that
 end mid-tile and on a tile boundary, s_q != s_k both ways), dense and as a packed batch with empty
 sequences. One head dim: 8 below the smallest built kernel of the first dtype (predicated columns), with
 GQA (2 query heads on 1 KV head). Windows narrower than a tile, and one wider than a tile whose left edge skips
@@ -23,6 +23,9 @@ CASES = (  # (causal, window_size, softcap, alibi, dropout_p)
     (False, (-1, 5), 0.0, False, 0.0),
     (False, (-1, -1), 30.0, False, 0.0),
     (True, (-1, -1), 0.0, True, 0.0),
+    (False, (-1, -1), 0.0, True, 0.0),
+    (False, (20, 30), 0.0, True, 0.0),
+    (False, (40, 10), 30.0, False, 0.0),
     (False, (-1, -1), 0.0, False, 0.2),
     (True, (40, 0), 30.0, True, 0.2),
 )

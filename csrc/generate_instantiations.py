@@ -6,12 +6,17 @@ variables) and writes one small .cu per instantiation, so builds run in parallel
 table that csrc/launch/dispatch.cpp includes. File axes: direction, dtype, head dim, mask, modifiers; the
 arch is a compiler flag (the same mma.sync code serves sm80 and sm90).
 
-Kernel count: 2 directions x 2 dtypes x 6 head dims x 3 masks x 2 (plain, with modifiers) = 144, plus
-the KV-cache forward kernels (flash_attn_with_kvcache): 2 dtypes x 6 head dims x 3 masks = 36, all with
-the modifiers (decoding is bound by the cache's bytes, so softcap and ALiBi stay run-time switches there),
-180 in all. The modifiers axis (softcap, ALiBi and dropout, switched at run time inside the "mod"
-kernels) doubles the count once instead of three times over; the plain kernels keep the common path free
-of it.
+Kernel count: 2 directions x 2 dtypes x 6 head dims x 3 masks x 4 modifier families = 288, plus the
+KV-cache forward kernels (flash_attn_with_kvcache): 2 dtypes x 6 head dims x 3 masks = 36, all "mod"
+(decoding is bound by the cache's bytes, so softcap and ALiBi stay run-time switches there), 324 in all.
+
+The modifier families (Modifiers in params.h): "plain" (none), "softcap" and "alibi" (that one modifier,
+always on), "mod" (softcap, ALiBi and dropout, each switched at run time, so any combination). Three
+switches compiled separately would be 8 families; the two one-modifier families are the common calls
+(Gemma 2's softcap, BLOOM/MPT's ALiBi, in training without dropout and in inference) and "mod" serves
+the rest. Before the one-modifier families (2 families, 180 kernels) a softcap or ALiBi call ran on "mod"
+at 2x the plain kernel's forward time: a run-time switch compiles to predicated code that costs what it
+guards (Philox on every score with dropout off).
 """
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ from typing import Iterable, Mapping
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 DTYPES = {"fp16": "kFp16", "bf16": "kBf16"}
 MASKS = {"none": "kNone", "causal": "kCausal", "local": "kLocal"}
-# "mod": softcap, ALiBi and dropout compiled in, each switched by its runtime parameter.
-MODIFIERS = {"plain": "false", "mod": "true"}
+# Modifier families -> Modifiers enumerators. "mod": softcap, ALiBi and dropout, each switched at run time.
+MODIFIERS = {"plain": "kPlain", "softcap": "kSoftcap", "alibi": "kAlibi", "mod": "kAll"}
 DIRECTIONS = ("fwd", "bwd", "kvcache")
 
 TABLE_NAMES = {direction: f"{direction}_table.inc" for direction in DIRECTIONS}
@@ -46,7 +51,7 @@ class Instantiation:
 
     def template_args(self) -> str:
         args = f"DType::{DTYPES[self.dtype]}, {self.head_dim}, MaskMode::{MASKS[self.mask]}"
-        return args if self.direction == "kvcache" else f"{args}, {MODIFIERS[self.modifiers]}"
+        return args if self.direction == "kvcache" else f"{args}, Modifiers::{MODIFIERS[self.modifiers]}"
 
     def source(self) -> str:
         args = self.template_args()
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", help="e.g. 64,128 (default: FLASH_ATTN2_HEAD_DIMS or all)")
     parser.add_argument("--dtypes", help="e.g. bf16,fp16 (default: FLASH_ATTN2_DTYPES or all)")
     parser.add_argument("--masks", help="e.g. none,causal (default: FLASH_ATTN2_MASKS or all)")
-    parser.add_argument("--modifiers", help="plain and/or mod (default: FLASH_ATTN2_MODIFIERS or both)")
+    parser.add_argument("--modifiers", help="of plain,softcap,alibi,mod (default: FLASH_ATTN2_MODIFIERS or all)")
     parser.add_argument("--list", action="store_true", help="print the .cu paths, one per line (CMake reads them)")
     args = parser.parse_args(argv)
     env = parse_env()

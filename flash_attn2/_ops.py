@@ -30,8 +30,10 @@ DIRECTIONS = ("fwd", "bwd", "kvcache")
 MASKS = ("none", "causal", "local")
 """The mask field: every key, bottom-right causal, sliding window (which also serves causal + window)."""
 
-MODIFIERS = ("plain", "mod")
-"""The last field: "mod" kernels apply softcap, ALiBi and dropout (each switched at run time)."""
+MODIFIERS = ("plain", "softcap", "alibi", "mod")
+"""The last field, the modifier family: "softcap" and "alibi" kernels apply that one modifier; "mod" kernels
+apply softcap, ALiBi and dropout in any combination (each switched at run time), so they also serve the
+calls of the one-modifier families (``serving_families``)."""
 
 VECTOR_ELEMENTS = 8
 """The kernels move rows in 16-byte vectors of 8 elements of a 16-bit dtype."""
@@ -134,8 +136,18 @@ def kernel_mask(causal: bool, window_left: int, window_right: int) -> str:
 
 
 def kernel_modifiers(softcap: float, alibi_slopes, dropout_p: float) -> str:
-    """"mod" when any score modifier is on, else "plain"."""
-    return "mod" if softcap > 0 or alibi_slopes is not None or dropout_p > 0 else "plain"
+    """The modifier family a call needs (as the C++ dispatcher decides): "plain" without modifiers, "softcap"
+    or "alibi" when that is the only one, "mod" for dropout or for softcap with ALiBi."""
+    capped, biased = softcap > 0, alibi_slopes is not None
+    if dropout_p > 0 or (capped and biased):
+        return "mod"
+    return "softcap" if capped else "alibi" if biased else "plain"
+
+
+def serving_families(modifiers: str) -> tuple:
+    """The kernel families that run a call needing family ``modifiers``, preferred first: its own, then "mod"
+    (which serves every modifier) for the one-modifier families."""
+    return (modifiers, "mod") if modifiers in ("softcap", "alibi") else (modifiers,)
 
 
 @torch.compiler.assume_constant_result
@@ -163,8 +175,9 @@ def largest_head_dim(dtype: torch.dtype, mask: str, modifiers: str = "plain") ->
     """The largest head dim compiled for (dtype, mask, modifiers), 0 if none. A head dim d (padded to a
     multiple of 8) runs on the smallest compiled kernel whose head dim is >= d, so this is the limit.
     Forward and backward kernels are built together, so the forward's list speaks for both."""
+    families = serving_families(modifiers)
     served = [k.head_dim for k in built_kernels()
-              if k.dtype == DTYPE_NAMES[dtype] and k.mask == mask and k.modifiers == modifiers]
+              if k.dtype == DTYPE_NAMES[dtype] and k.mask == mask and k.modifiers in families]
     return max(served, default=0)
 
 

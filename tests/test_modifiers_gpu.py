@@ -68,7 +68,8 @@ class Mods:
 
     @property
     def modifiers(self) -> str:
-        return "mod" if self.softcap > 0 or self.alibi or self.dropout_p > 0 else "plain"
+        """The modifier family the call dispatches to (``_ops.kernel_modifiers``)."""
+        return _ops.kernel_modifiers(self.softcap, self.alibi or None, self.dropout_p)
 
     def effective_window(self):
         """(left, right) with causal's right = 0 applied: what the op receives."""
@@ -88,9 +89,11 @@ class Mods:
 
 
 def require_kernel(dtype, head_dim, mask, modifiers, direction="fwd"):
-    """Skip the test unless this build has the kernel KernelKey(dtype, head_dim, mask, modifiers) of ``direction``."""
-    key = (dtype, head_dim, mask, modifiers)
-    if not any((k.dtype, k.head_dim, k.mask, k.modifiers) == key for k in _ops.built_kernels(direction)):
+    """Skip the test unless this build has a kernel of ``direction`` for (dtype, head_dim, mask) whose family
+    serves ``modifiers`` (``_ops.serving_families``: the call's own family, preferred, or "mod")."""
+    families = _ops.serving_families(modifiers)
+    if not any((k.dtype, k.head_dim, k.mask) == (dtype, head_dim, mask) and k.modifiers in families
+               for k in _ops.built_kernels(direction)):
         pytest.skip(f"no {direction} kernel {dtype} hdim {head_dim} mask {mask} modifiers {modifiers} in this build")
 
 
@@ -249,6 +252,14 @@ DENSE_CASES = {
     "causal_window_softcap_alibi_dropout_mqa": (257, 300, 1, Mods(causal=True, window=(64, 0), softcap=10.0,
                                                                   alibi="h", dropout_p=0.2)),
     "softcap_alibi_bh_seqlen_1": (1, 1, 2, Mods(softcap=5.0, alibi="bh")),
+    # The one-modifier families over several key blocks: ALiBi's blocks on either side of the diagonal and
+    # the ones it crosses (diagonal offset 0, positive, negative; with a window), softcap with masks.
+    "alibi_h_sq1023_sk1024": (1023, 1024, 2, Mods(alibi="h")),
+    "alibi_bh_sq300_sk1500": (300, 1500, 2, Mods(alibi="bh")),
+    "alibi_h_sq1500_sk300": (1500, 300, 2, Mods(alibi="h")),
+    "window_alibi_sq1023": (1023, 1023, 2, Mods(window=(200, 300), alibi="h")),
+    "softcap_20_causal_sq1023_sk1024": (1023, 1024, 2, Mods(causal=True, softcap=20.0)),
+    "window_softcap_sq700": (700, 700, 4, Mods(window=(100, 0), softcap=5.0)),
 }
 
 LARGE_HEAD_DIM_CASE = (257, 300, 2, Mods(causal=True, window=(64, 0), softcap=10.0, alibi="bh"))

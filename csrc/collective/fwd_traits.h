@@ -18,14 +18,14 @@ using Sm80MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
                                        MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>,
                                        MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
 
-template <class Element_, int kHeadDim_, MaskMode kMask, bool kModifiers = false, bool kKVCache = false>
+template <class Element_, int kHeadDim_, MaskMode kMask, Modifiers kMods = Modifiers::kPlain, bool kKVCache = false>
 struct FwdTraitsSm80 {
   using Element = Element_;
   static_assert(std::is_same_v<Element, cutlass::half_t> || std::is_same_v<Element, cutlass::bfloat16_t>,
                 "fp16 and bf16 only");
 
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr FwdTile kTile = kKVCache ? kvcache_tile(kHeadDim) : fwd_tile(kHeadDim, kMask, kModifiers);
+  static constexpr FwdTile kTile = kKVCache ? kvcache_tile(kHeadDim) : fwd_tile(kHeadDim, kMask, kMods);
   static_assert(kTile.block_m > 0, "no row in fwd_tile() for this head dim");
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;

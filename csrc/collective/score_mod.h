@@ -1,5 +1,5 @@
-// The score modifiers of the kernels built with modifiers: logit softcapping, ALiBi and dropout. Each is
-// switched by its runtime parameter (a branch uniform over the CTA); the plain kernels compile none of it.
+// The score modifiers: logit softcapping, ALiBi and dropout, compiled per kernel family (Modifiers in
+// params.h). The plain kernels compile none of it.
 //
 // Units. The main loops keep raw scores s = q.k and fold the softmax scale into the exponent. The
 // modifiers act on scaled scores z = s * scale, so they are written back in raw units, z' / scale, and
@@ -11,6 +11,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "collective/utils.h"
 #include "flash_attn2/params.h"
 
 namespace flash_attn2 {
@@ -23,20 +24,89 @@ CUTE_DEVICE float tanh_approx(float x) {
   return y;
 }
 
+// The ALiBi family's bias as the initial value of the score accumulator, so that the GEMM adds q.k to it.
+// Score (r, c) of this thread is d = base + r - c keys from its row's diagonal (r, c: thread 0's static
+// offsets, as in BlockMask::apply). On a tile wholly on one side of the diagonal -slope * |d| = x_r + y_c,
+// a row term plus a column term: one FFMA with an immediate per score. kAbs: the tile may cross the
+// diagonal (alibi_crossing_blocks), and each score takes -|x_r + y_c|, one op more. (A run-time choice
+// between the two would be compiled as both, predicated: the caller's loops decide it.) x_r and y_c are
+// small wherever the bias is (near the diagonal), so fp32 keeps it exact enough; far from it exp() of the
+// bias is 0 anyway.
+template <bool kAbs, class TensorS, class TensorC>
+CUTE_DEVICE void init_alibi_scores(TensorS& acc_s, TensorC const& tScS0, float raw_slope, int row_base, int col_base,
+                                   int m_block, int n_block, int block_m, int block_n, int diagonal_offset) {
+  CUTE_STATIC_ASSERT_V(size(acc_s) == size(tScS0));
+  Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));    // (rows, cols)
+  Tensor coords = make_tensor(tScS0.data(), acc_rowcol(tScS0.layout()));    // (rows, cols) -> (row, col)
+  int const row0 = m_block * block_m + diagonal_offset, col0 = n_block * block_n;
+  int const d_min = row0 - (col0 + block_n - 1);  // the tile's distances span [d_min, d_max]: CTA-uniform
+  int const d_max = row0 + block_m - 1 - col0;
+  // Below the diagonal (d >= 0) the bias is -slope * d; above it slope * d.
+  float const signed_slope = !kAbs && d_max <= 0 ? raw_slope : -raw_slope;
+  float const x0 = signed_slope * float(row0 + row_base - col0 - col_base);
+  float x[decltype(size<0>(scores))::value];
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(scores); ++r) { x[r] = x0 + signed_slope * float(get<0>(coords(r, 0))); }
+  CUTE_UNROLL
+  for (int c = 0; c < size<1>(scores); ++c) {
+    float const y = -signed_slope * float(get<1>(coords(0, c)));
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(scores); ++r) { scores(r, c) = kAbs ? -fabsf(x[r] + y) : x[r] + y; }
+  }
+}
+
+// The key blocks [begin, end) whose scores lie on both sides of the diagonal for query block m_block
+// (distances d = row + diagonal_offset - key of both signs): those need init_alibi_scores<true>.
+struct BlockRange {
+  int begin, end;
+};
+CUTE_DEVICE int floor_div(int a, int b) { return a >= 0 ? a / b : -((b - 1 - a) / b); }  // b > 0
+CUTE_DEVICE BlockRange alibi_crossing_blocks(int m_block, int block_m, int block_n, int diagonal_offset) {
+  int const row0 = m_block * block_m + diagonal_offset;
+  // d_max = row0 + block_m - 1 - n * block_n > 0 and d_min = row0 - n * block_n - block_n + 1 < 0.
+  return {floor_div(row0 - block_n + 1, block_n) + 1, floor_div(row0 + block_m - 2, block_n) + 1};
+}
+
 // Softcap and ALiBi, in that order (as flash-attn): z -> softcap * tanh(z / softcap) - slope * |i + off - j|.
+// kMods is the kernel's family (params.h): kSoftcap and kAlibi compile their one modifier, always on;
+// kAll compiles both, each behind its run-time switch; kPlain nothing.
+template <Modifiers kMods>
 struct ScoreModifiers {
+  static constexpr bool kSoftcap = kMods == Modifiers::kSoftcap || kMods == Modifiers::kAll;
+  static constexpr bool kAlibi = kMods == Modifiers::kAlibi || kMods == Modifiers::kAll;
+  // The softcap family keeps tanh(z / softcap) itself in the score registers ("tanh units": z = softcap
+  // * t), which saves the multiply back to raw units; score_scale() says which units the scores are in.
+  static constexpr bool kTanhUnits = kMods == Modifiers::kSoftcap;
+
   bool softcap_on;
   float softcap_in;   // scale / softcap: raw score -> tanh argument
-  float softcap_out;  // softcap / scale: tanh -> raw units
+  float softcap_out;  // softcap / scale: tanh -> raw units (kAll)
   bool alibi_on;
   float alibi_raw_slope;  // slope / scale: the bias in raw units per key of distance
 
   CUTE_DEVICE ScoreModifiers(FwdParams const& p, int batch, int head) {
-    softcap_on = p.softcap > 0.f;
+    softcap_on = kSoftcap && p.softcap > 0.f;
     softcap_in = softcap_on ? p.softmax_scale / p.softcap : 0.f;
     softcap_out = softcap_on ? p.softcap / p.softmax_scale : 0.f;
-    alibi_on = p.alibi_slopes != nullptr;
+    alibi_on = kAlibi && p.alibi_slopes != nullptr;
     alibi_raw_slope = alibi_on ? p.alibi_slopes[batch * p.alibi_slopes_batch_stride + head] / p.softmax_scale : 0.f;
+  }
+
+  // What one unit of the modified scores is worth as a scaled score: the kernels' softmax scale.
+  CUTE_DEVICE float score_scale(FwdParams const& p) const { return kTanhUnits ? p.softcap : p.softmax_scale; }
+
+  // The score accumulator before S = Q K^T adds to it: zero, or the ALiBi family's bias
+  // (init_alibi_scores; the kAll family adds its bias after the softcap, in apply()).
+  // kAbs: see init_alibi_scores.
+  template <bool kAbs = true, class TensorS, class TensorC>
+  CUTE_DEVICE void init(TensorS& acc_s, TensorC const& tScS0, int row_base, int col_base, int m_block, int n_block,
+                        int block_m, int block_n, int diagonal_offset) const {
+    if constexpr (kMods == Modifiers::kAlibi) {
+      init_alibi_scores<kAbs>(acc_s, tScS0, alibi_raw_slope, row_base, col_base, m_block, n_block, block_m, block_n,
+                        diagonal_offset);
+    } else {
+      clear(acc_s);
+    }
   }
 
   // Modifies raw scores in place. dtanh (same shape, may be unused): 1 - tanh^2 of each score, the
@@ -46,21 +116,31 @@ struct ScoreModifiers {
   CUTE_DEVICE void apply(TensorS& acc_s, TensorD& dtanh, TensorC const& tScS0, int row_base, int col_base,
                          int m_block, int n_block, int block_m, int block_n, int diagonal_offset) const {
     CUTE_STATIC_ASSERT_V(size(acc_s) == size(tScS0));
-    if (softcap_on) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) {
-        float const t = tanh_approx(acc_s(i) * softcap_in);
-        acc_s(i) = t * softcap_out;
-        if constexpr (kKeepDtanh) { dtanh(i) = 1.f - t * t; }
+    if constexpr (kSoftcap) {
+      if (kMods == Modifiers::kSoftcap || softcap_on) {
+        if constexpr (kMods == Modifiers::kAll) { keep_branch(); }  // a run-time switch: skip what is off
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) {
+          float const t = tanh_approx(acc_s(i) * softcap_in);
+          acc_s(i) = kTanhUnits ? t : t * softcap_out;
+          if constexpr (kKeepDtanh) { dtanh(i) = 1.f - t * t; }
+        }
       }
     }
-    if (alibi_on) {
-      // Key distance of score (r, c) from its row's diagonal: |base + r - c|, base per thread and block.
-      int const base = m_block * block_m + row_base + diagonal_offset - (n_block * block_n + col_base);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) {
-        int const distance = abs(base + get<0>(tScS0(i)) - get<1>(tScS0(i)));
-        acc_s(i) -= alibi_raw_slope * float(distance);
+    if constexpr (kMods == Modifiers::kAll) {  // the ALiBi family's bias is already in (init)
+      if (alibi_on) {
+        keep_branch();
+        // Score (r, c) lies base + r - c keys from its row's diagonal (r, c: thread 0's static offsets),
+        // so its bias is -|slope * (base + r) - slope * c|: one FFMA with an immediate and one FADD of an
+        // absolute value per score. slope * (base + r) is small wherever the bias is (near the diagonal),
+        // so fp32 keeps it exact enough; far from it exp() of the bias is 0 anyway.
+        int const base = m_block * block_m + row_base + diagonal_offset - (n_block * block_n + col_base);
+        float const slope_base = alibi_raw_slope * float(base);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) {
+          float const row_term = slope_base + alibi_raw_slope * float(get<0>(tScS0(i)));
+          acc_s(i) -= fabsf(row_term - alibi_raw_slope * float(get<1>(tScS0(i))));
+        }
       }
     }
   }

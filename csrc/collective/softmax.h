@@ -52,6 +52,7 @@ struct OnlineSoftmax {
       grows |= row_max(r) == -INFINITY || (new_max[r] - row_max(r)) * scale_log2 > kRescaleThreshold;
     }
     if (__any_sync(0xffffffff, grows)) {  // warp-uniform: the multiplies are skipped for the whole warp
+      keep_branch();
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         // -inf guard: a row that has seen only masked keys keeps max = -inf; shifting by 0 instead keeps

@@ -16,24 +16,28 @@ struct FwdTile {
 // each thread holds block_m * d / threads fp32 of O plus block_m * block_n / threads of S, and a tile
 // that makes ptxas spill loses more than its larger key step gains.
 // A sliding window (kLocal) takes the causal rows: its steps straddle a diagonal as well.
-// modifiers: the kernels with softcap, ALiBi and dropout compiled in hold their parameters and the
-// Philox state in registers too.
-constexpr FwdTile fwd_tile(int head_dim, MaskMode mask, bool modifiers = false) {
+// mods: the kAll family (softcap, ALiBi and dropout compiled in) holds their parameters and the Philox
+// state in registers too; the one-modifier families (kSoftcap, kAlibi) take the plain tiles unless a row
+// says otherwise.
+constexpr FwdTile fwd_tile(int head_dim, MaskMode mask, Modifiers mods = Modifiers::kPlain) {
   bool const causal = mask != MaskMode::kNone;
+  bool const modifiers = mods == Modifiers::kAll;
   switch (head_dim) {
     // Small d: loads are cheap relative to the S tile, so a wide key step amortises the softmax.
     // 24 KB smem. (Spills 28 B; not yet measured against narrower tiles.)
     case 32: return {128, 128, 4};
     // Non-causal: 128x128 beat 128x64 by 6% at 1k and 2% at 4k despite ~180 B of spills.
     // Causal: 128x64 (no spills) beat 128x128 by 2-3%: its diagonal steps are narrower.
-    // With the modifiers 128x128 spilled 576 B (ptxas), 128x64 180 B: every mask takes 128x64.
-    case 64: return causal || modifiers ? FwdTile{128, 64, 4} : FwdTile{128, 128, 4};
+    // With the modifiers (kAll) 128x128 spilled 576 B (ptxas), 128x64 180 B; softcap 232 B, ALiBi 316 B:
+    // every modifier family takes 128x64.
+    case 64: return causal || mods != Modifiers::kPlain ? FwdTile{128, 64, 4} : FwdTile{128, 128, 4};
     // d=96 uses a 32-column swizzle atom; 128x64 keeps O (96 regs) + S (64 regs) without spills.
     case 96: return {128, 64, 4};
     // O takes 128 registers per thread. 128x64 beat 128x32 (no spills) by 5-10% at 1k-16k, and 8 warps
     // (128x64, 128x128) or 64x64 by 10-15%. 64 KB smem: 2 CTAs per SM.
-    // With the modifiers, 128x64 spilled 480-648 B (ptxas) and ran 2.1x the plain kernel's time on an
-    // H200 (4k, bf16); 128x32 spills 64-80 B, as little as the plain 128x64.
+    // With the modifiers (kAll), 128x64 spilled 480-648 B (ptxas) and ran 2.1x the plain kernel's time on
+    // an H200 (4k, bf16); 128x32 spills 64-80 B, as little as the plain 128x64. softcap and ALiBi alone:
+    // 128x64 spills 40-64 B.
     case 128: return modifiers ? FwdTile{128, 32, 4} : FwdTile{128, 64, 4};
     // O would need 192 registers with 4 warps: 8 warps halve it. 80 KB smem.
     case 192: return {128, 64, 8};

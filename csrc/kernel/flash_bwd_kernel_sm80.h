@@ -23,9 +23,13 @@ namespace flash_attn2 {
 
 using namespace cute;
 
-// kModifiers: softcap, ALiBi and dropout, each switched at run time (collective/score_mod.h).
-template <class Traits, MaskMode kMask, bool kModifiers>
+// kMods: the score modifiers compiled in (Modifiers in params.h; collective/score_mod.h); dropout only
+// with kAll.
+template <class Traits, MaskMode kMask, Modifiers kMods>
 struct FlashBwdKernelSm80 {
+  static constexpr bool kModifiers = kMods != Modifiers::kPlain;
+  static constexpr bool kSoftcap = ScoreModifiers<kMods>::kSoftcap;
+  static constexpr bool kDropout = kMods == Modifiers::kAll;
   using Element = typename Traits::Element;
   static constexpr int kBlockM = Traits::kBlockM;
   static constexpr int kBlockN = Traits::kBlockN;
@@ -79,8 +83,10 @@ struct FlashBwdKernelSm80 {
     int const n_blocks = num_n_blocks(binfo.seqlen_k);
     if (split >= n_blocks) { return; }
     int const head_dim = params.head_dim;
-    float const scale_log2 = params.softmax_scale * float(M_LOG2E);
-    ScoreModifiers const modifiers(params, batch, head);
+    ScoreModifiers<kMods> const modifiers(params, batch, head);
+    // The scores' units as the loop holds them (raw, or tanh units for the softcap family); lse is in
+    // scaled units either way.
+    float const scale_log2 = modifiers.score_scale(params) * float(M_LOG2E);
     Dropout const dropout(params, batch, head);
 
     SharedStorage& storage = *reinterpret_cast<SharedStorage*>(smem_buf);
@@ -221,12 +227,13 @@ struct FlashBwdKernelSm80 {
           if (kStages == 2 && m_block > m_block_begin) { load_q_do(m_block - 1, buf ^ 1); }
 
           Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
-          clear(acc_s);
+          modifiers.init(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
+                         mask.diagonal_offset());
           gemm_ss(acc_s, tSrQ, tSrK, thr_copy_a_sdp.partition_S(sQ(buf)), tSsK, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
           // Softcap's derivative, 1 - tanh^2, multiplies dS (only the kernels with modifiers hold it).
           auto dtanh = [&] {
-            if constexpr (kModifiers) { return make_fragment_like(acc_s); } else { return 0; }
+            if constexpr (kSoftcap) { return make_fragment_like(acc_s); } else { return 0; }
           }();
           if constexpr (kModifiers) {
             modifiers.apply<true>(acc_s, dtanh, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM,
@@ -244,8 +251,9 @@ struct FlashBwdKernelSm80 {
             }
           }
 
-          bool const dropout_on = kModifiers && dropout.on;
+          bool const dropout_on = kDropout && dropout.on;
           if (dropout_on) {
+            keep_branch();  // else ptxas predicates Philox into every step of a call without dropout
             // Dropped probabilities become negative: dV takes max(p, 0), dS both P and the mask.
             dropout.apply<true>(acc_s, tScS0, m_block * kBlockM + score_row_base, n_block * kBlockN + score_col_base);
             Tensor kept = make_fragment_like(acc_s);
@@ -264,6 +272,7 @@ struct FlashBwdKernelSm80 {
                   copy_b_sdp, tidx);
           Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
           if (dropout_on) {
+            keep_branch();
             // dS = P o (Z o dP / (1 - p) - D): a dropped score (p = -P < 0) gets -P * D = p * D.
             CUTE_UNROLL
             for (int r = 0; r < size<0>(dp); ++r) {
@@ -280,8 +289,9 @@ struct FlashBwdKernelSm80 {
               for (int c = 0; c < size<1>(dp); ++c) { dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]); }
             }
           }
-          if constexpr (kModifiers) {
+          if constexpr (kSoftcap) {
             if (modifiers.softcap_on) {
+              if constexpr (kMods == Modifiers::kAll) { keep_branch(); }
               CUTE_UNROLL
               for (int i = 0; i < size(acc_dp); ++i) { acc_dp(i) *= dtanh(i); }
             }
@@ -326,7 +336,7 @@ struct FlashBwdKernelSm80 {
       // global memory through shared memory for 16-byte stores.
       CUTE_UNROLL
       for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= params.softmax_scale; }
-      if (kModifiers && dropout.on) {  // dV summed the kept probabilities unscaled
+      if (kDropout && dropout.on) {  // dV summed the kept probabilities unscaled
         CUTE_UNROLL
         for (int i = 0; i < size(acc_dv); ++i) { acc_dv(i) *= dropout.keep_scale; }
       }

@@ -23,10 +23,11 @@ namespace flash_attn2 {
 
 using namespace cute;
 
-// kModifiers: softcap, ALiBi and dropout, each switched at run time (collective/score_mod.h).
+// kMods: the score modifiers compiled in (Modifiers in params.h; collective/score_mod.h); dropout only
+// with kAll.
 // kKVCache: attention over a KV cache (KVCacheParams): keys of a dense cache row or of pages looked up per
 // row, the key blocks optionally split across CTAs (flash-decoding) with fp32 partial outputs; no dropout.
-template <class Traits, MaskMode kMask, bool kModifiers, bool kKVCache = false>
+template <class Traits, MaskMode kMask, Modifiers kMods, bool kKVCache = false>
 struct FlashFwdKernelSm80 {
   using Element = typename Traits::Element;
   static constexpr int kBlockM = Traits::kBlockM;
@@ -38,7 +39,8 @@ struct FlashFwdKernelSm80 {
   using Mask = BlockMask<kMask, kBlockM, kBlockN>;
   using Params = std::conditional_t<kKVCache, KVCacheParams, FwdParams>;
   using BlockInfo = std::conditional_t<kKVCache, KVCacheBlockInfo, FwdBlockInfo>;
-  static constexpr bool kDropout = kModifiers && !kKVCache;
+  static constexpr bool kModifiers = kMods != Modifiers::kPlain;
+  static constexpr bool kDropout = kMods == Modifiers::kAll && !kKVCache;
 
   CUTE_HOST_DEVICE static int num_m_blocks(int seqlen_q) { return (seqlen_q + kBlockM - 1) / kBlockM; }
   CUTE_HOST_DEVICE static int num_splits(Params const& p) {
@@ -175,9 +177,10 @@ struct FlashFwdKernelSm80 {
     Tensor tSsK = smem_tiled_copy_k.get_thread_slice(tidx).partition_S(sK);    // (CPY, MMA_N, MMA_K)
     Tensor tOsVt = smem_tiled_copy_v.get_thread_slice(tidx).partition_S(sVt);  // (CPY, MMA_K, MMA_N)
 
-    OnlineSoftmax<decltype(size<0>(acc_rowcol(acc_o.layout())))::value> softmax(
-        params.softmax_scale * float(M_LOG2E));
-    ScoreModifiers const modifiers(params, batch, head);
+    ScoreModifiers<kMods> const modifiers(params, batch, head);
+    // The scale of the scores as the main loop holds them (raw q.k, or tanh units for the softcap family).
+    float const score_scale = modifiers.score_scale(params);
+    OnlineSoftmax<decltype(size<0>(acc_rowcol(acc_o.layout())))::value> softmax(score_scale * float(M_LOG2E));
     Dropout const dropout(params, batch, head);
 
     if (n_block_max > n_block_min) {
@@ -189,9 +192,11 @@ struct FlashFwdKernelSm80 {
 
       // Forced inline: step is called from several loops, and an outlined step would take the register
       // fragments it captures by reference through local memory.
-      auto step = [&](int n_block, auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
+      // exact_bias (the ALiBi family): the block may cross the diagonal (see init_alibi_scores).
+      auto step = [&](int n_block, auto needs_mask, auto exact_bias) CUTLASS_LAMBDA_FUNC_INLINE {
         Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
-        clear(acc_s);
+        modifiers.template init<decltype(exact_bias)::value>(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
+                       mask.diagonal_offset());
         cp_async_wait<0>();
         __syncthreads();  // K[n] has landed, and every warp is done reading V[n + 1]
         load_v(n_block, binfo.seqlen_k - n_block * kBlockN);
@@ -213,30 +218,45 @@ struct FlashFwdKernelSm80 {
 
         softmax.update(acc_s, acc_o);
         // Dropout after the row sums: the normaliser counts every probability, kept or not.
-        if (kDropout && dropout.on) {
-          dropout.apply<false>(acc_s, tScS0, m_block * kBlockM + score_row_base, n_block * kBlockN + score_col_base);
+        if constexpr (kDropout) {
+          if (dropout.on) {
+            keep_branch();  // else ptxas predicates Philox into every step of a call without dropout
+            dropout.apply<false>(acc_s, tScS0, m_block * kBlockM + score_row_base, n_block * kBlockN + score_col_base);
+          }
         }
         Tensor rP = convert_fragment<Element>(acc_s);
         Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
         gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
       };
 
+      // The bare middle [begin, n_block] down to begin. The ALiBi family runs the blocks on one side of
+      // the diagonal with its cheaper bias, the ones the diagonal crosses with the exact one.
+      auto run_unmasked = [&](int begin) CUTLASS_LAMBDA_FUNC_INLINE {
+        if constexpr (kMods == Modifiers::kAlibi) {
+          BlockRange const crossing = alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset());
+          int const crossing_end = max(crossing.end, begin), crossing_begin = max(crossing.begin, begin);
+          for (; n_block >= crossing_end; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
+          for (; n_block >= crossing_begin; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
+          for (; n_block >= begin; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
+        } else {
+          for (; n_block >= begin; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
+        }
+      };
       // The highest key blocks straddle the diagonal or the sequence end, the lowest (sliding window)
       // the window's left edge: those are masked. The middle runs bare.
       int const n_block_unmasked_end = max(mask.n_block_unmasked_end(m_block), n_block_min);
-      for (; n_block >= n_block_unmasked_end; --n_block) { step(n_block, cute::true_type{}); }
+      for (; n_block >= n_block_unmasked_end; --n_block) { step(n_block, cute::true_type{}, cute::true_type{}); }
       if constexpr (Mask::kHasLeft) {
-        int const n_block_unmasked_begin = max(mask.n_block_unmasked_begin(m_block), n_block_min);
-        for (; n_block >= n_block_unmasked_begin; --n_block) { step(n_block, cute::false_type{}); }
-        for (; n_block >= n_block_min; --n_block) { step(n_block, cute::true_type{}); }
+        run_unmasked(max(mask.n_block_unmasked_begin(m_block), n_block_min));
+        for (; n_block >= n_block_min; --n_block) { step(n_block, cute::true_type{}, cute::true_type{}); }
       } else {
-        for (; n_block >= n_block_min; --n_block) { step(n_block, cute::false_type{}); }
+        run_unmasked(n_block_min);
       }
     }
 
     // Epilogue: normalise, write lse, stage O through shared memory for 16-byte global stores.
     // Kept probabilities are scaled by 1 / (1 - p) with the normalisation.
-    Tensor lse = softmax.finalize(acc_o, params.softmax_scale, kDropout ? dropout.keep_scale : 1.f);
+    Tensor lse = softmax.finalize(acc_o, score_scale, kDropout ? dropout.keep_scale : 1.f);
 
     Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tOcO = thr_mma.partition_C(cO);  // (MMA, MMA_M, MMA_K) -> (row, col)

@@ -14,17 +14,18 @@ struct FwdKernel {
   DType dtype;
   int head_dim;
   MaskMode mask;
-  bool modifiers;
+  Modifiers modifiers;
   cudaError_t (*run)(FwdParams const&, cudaStream_t);
   int (*smem_bytes)();
 };
 
 #define FLASH_ATTN2_FWD_KERNEL(DTYPE, HDIM, MASK, MODIFIERS)                                                \
-  FwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS, &run_fwd<DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS>, \
-            &fwd_smem_bytes<DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS>},
+  FwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, Modifiers::MODIFIERS,                                      \
+            &run_fwd<DType::DTYPE, HDIM, MaskMode::MASK, Modifiers::MODIFIERS>,                              \
+            &fwd_smem_bytes<DType::DTYPE, HDIM, MaskMode::MASK, Modifiers::MODIFIERS>},
 FwdKernel const kFwdKernels[] = {
 #include "instantiations/fwd_table.inc"
-    FwdKernel{DType::kBf16, 0, MaskMode::kNone, false, nullptr, nullptr},  // sentinel: the table may be empty
+    FwdKernel{DType::kBf16, 0, MaskMode::kNone, Modifiers::kPlain, nullptr, nullptr},  // sentinel: the table may be empty
 };
 #undef FLASH_ATTN2_FWD_KERNEL
 
@@ -32,17 +33,18 @@ struct BwdKernel {
   DType dtype;
   int head_dim;
   MaskMode mask;
-  bool modifiers;
+  Modifiers modifiers;
   cudaError_t (*run)(BwdKernelParams const&, cudaStream_t);
   BwdKernelInfo (*info)();
 };
 
 #define FLASH_ATTN2_BWD_KERNEL(DTYPE, HDIM, MASK, MODIFIERS)                                                \
-  BwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS, &run_bwd<DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS>, \
-            &bwd_kernel_info<DType::DTYPE, HDIM, MaskMode::MASK, MODIFIERS>},
+  BwdKernel{DType::DTYPE, HDIM, MaskMode::MASK, Modifiers::MODIFIERS,                                      \
+            &run_bwd<DType::DTYPE, HDIM, MaskMode::MASK, Modifiers::MODIFIERS>,                              \
+            &bwd_kernel_info<DType::DTYPE, HDIM, MaskMode::MASK, Modifiers::MODIFIERS>},
 BwdKernel const kBwdKernels[] = {
 #include "instantiations/bwd_table.inc"
-    BwdKernel{DType::kBf16, 0, MaskMode::kNone, false, nullptr, nullptr},  // sentinel
+    BwdKernel{DType::kBf16, 0, MaskMode::kNone, Modifiers::kPlain, nullptr, nullptr},  // sentinel
 };
 #undef FLASH_ATTN2_BWD_KERNEL
 
@@ -50,17 +52,17 @@ struct KVCacheKernel {
   DType dtype;
   int head_dim;
   MaskMode mask;
-  bool modifiers;  // always true: the KV-cache kernels compile softcap and ALiBi
+  Modifiers modifiers;  // always kAll: the KV-cache kernels compile softcap and ALiBi
   cudaError_t (*run)(KVCacheParams const&, cudaStream_t);
   KVCacheKernelInfo (*info)();
 };
 
 #define FLASH_ATTN2_KVCACHE_KERNEL(DTYPE, HDIM, MASK)                                                      \
-  KVCacheKernel{DType::DTYPE, HDIM, MaskMode::MASK, true, &run_kvcache<DType::DTYPE, HDIM, MaskMode::MASK>, \
+  KVCacheKernel{DType::DTYPE, HDIM, MaskMode::MASK, Modifiers::kAll, &run_kvcache<DType::DTYPE, HDIM, MaskMode::MASK>, \
                 &kvcache_kernel_info<DType::DTYPE, HDIM, MaskMode::MASK>},
 KVCacheKernel const kKVCacheKernels[] = {
 #include "instantiations/kvcache_table.inc"
-    KVCacheKernel{DType::kBf16, 0, MaskMode::kNone, true, nullptr, nullptr},  // sentinel
+    KVCacheKernel{DType::kBf16, 0, MaskMode::kNone, Modifiers::kAll, nullptr, nullptr},  // sentinel
 };
 #undef FLASH_ATTN2_KVCACHE_KERNEL
 
@@ -68,21 +70,27 @@ char const* dtype_name(DType d) { return d == DType::kFp16 ? "fp16" : "bf16"; }
 char const* mask_name(MaskMode m) {
   return m == MaskMode::kCausal ? "causal" : m == MaskMode::kLocal ? "local" : "none";
 }
-char const* modifiers_name(bool modifiers) { return modifiers ? "mod" : "plain"; }
+char const* modifiers_name(Modifiers m) {
+  return m == Modifiers::kSoftcap ? "softcap" : m == Modifiers::kAlibi ? "alibi" : m == Modifiers::kAll ? "mod" : "plain";
+}
 
 constexpr int kMaxHeadDim = 256;
 
-// A head dim runs on the smallest built kernel of its (dtype, mask, modifiers) whose head dim is >= it.
-// modifiers: which family is wanted (the KV-cache table has only kernels with the modifiers).
+// A head dim runs on the smallest built kernel of its (dtype, mask) whose head dim is >= it and whose
+// family serves the call's (`modifiers`): its own family, or kAll, which serves any modifier; at equal head
+// dims the call's own family (the KV-cache table has only kAll kernels).
 template <class Kernel, size_t N>
-Kernel const* smallest_fitting(Kernel const (&table)[N], FwdParams const& p, bool modifiers) {
+Kernel const* smallest_fitting(Kernel const (&table)[N], FwdParams const& p, Modifiers modifiers) {
   Kernel const* best = nullptr;
   for (Kernel const& k : table) {
-    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || k.modifiers != modifiers ||
+    if (k.run == nullptr || k.dtype != p.dtype || k.mask != p.mask || !serves(k.modifiers, modifiers) ||
         k.head_dim < p.head_dim) {
       continue;
     }
-    if (best == nullptr || k.head_dim < best->head_dim) { best = &k; }
+    if (best == nullptr || k.head_dim < best->head_dim ||
+        (k.head_dim == best->head_dim && k.modifiers == modifiers)) {
+      best = &k;
+    }
   }
   return best;
 }
@@ -121,7 +129,7 @@ Status check_smem(char const* direction, int head_dim, int smem_bytes) {
 // Why no kernel of `direction` serves p; built_kernels() is declared in flash_attn2.h.
 std::string missing_kernel_message(char const* direction, FwdParams const& p) {
   return str_cat("flash_attn2: no ", direction, " kernel was built for dtype ", dtype_name(p.dtype), ", head dim ",
-                 p.head_dim, ", mask ", mask_name(p.mask), ", modifiers ", modifiers_name(p.has_modifiers()),
+                 p.head_dim, ", mask ", mask_name(p.mask), ", modifiers ", modifiers_name(p.modifiers()),
                  ". Built:\n", built_kernels(),
                  "Rebuild with FLASH_ATTN2_HEAD_DIMS / _DTYPES / _MASKS / _MODIFIERS covering it (unset builds all).");
 }
@@ -215,7 +223,7 @@ Status check_params(FwdParams const& p, BwdParams const* bwd) {
 
 Status fwd(FwdParams const& p, cudaStream_t stream) {
   if (Status const checked = check_params(p, nullptr); !checked.ok()) { return checked; }
-  FwdKernel const* best = smallest_fitting(kFwdKernels, p, p.has_modifiers());
+  FwdKernel const* best = smallest_fitting(kFwdKernels, p, p.modifiers());
   if (best == nullptr) { return {missing_kernel_message("forward", p)}; }
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) { return {}; }
   if (Status const fits = check_smem("forward", best->head_dim, best->smem_bytes()); !fits.ok()) { return fits; }
@@ -268,7 +276,7 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   if ((int64_t(p.seqlen_k) + 15) / 16 * p.num_heads * p.batch > INT32_MAX) {
     return {str_cat("flash_attn2: batch * num_heads * seqlen_k is too large for one launch")};
   }
-  plan.kernel = smallest_fitting(kBwdKernels, p, p.has_modifiers());
+  plan.kernel = smallest_fitting(kBwdKernels, p, p.modifiers());
   if (plan.kernel == nullptr) { return {missing_kernel_message("backward", p)}; }
   int num_sms = 0;
   if (Status const queried = device_attribute(cudaDevAttrMultiProcessorCount, num_sms); !queried.ok()) {
@@ -344,7 +352,7 @@ Status plan_kvcache(KVCacheParams const& p, KVCacheKernel const*& kernel) {
   } else if (p.cache_batch <= 0) {
     return {"flash_attn2: a dense cache needs cache_batch > 0"};
   }
-  kernel = smallest_fitting(kKVCacheKernels, p, true);
+  kernel = smallest_fitting(kKVCacheKernels, p, Modifiers::kAll);
   if (kernel == nullptr) { return {missing_kernel_message("kvcache", p)}; }
   return {};
 }

@@ -14,11 +14,11 @@
 
 namespace flash_attn2 {
 
-template <DType kDType, int kHeadDim, MaskMode kMask, bool kModifiers>
+template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   using Element = ElementOf<kDType>;
   using Traits = BwdTraitsSm80<Element, kHeadDim>;
-  using Kernel = FlashBwdKernelSm80<Traits, kMask, kModifiers>;
+  using Kernel = FlashBwdKernelSm80<Traits, kMask, kMods>;
   using Rows = RowGroups<kHeadDim>;
 
   if (params.lse_rows > 0) {
@@ -51,7 +51,7 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   return err;
 }
 
-template <DType kDType, int kHeadDim, MaskMode kMask, bool kModifiers>
+template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 BwdKernelInfo bwd_kernel_info() {
   using Traits = BwdTraitsSm80<ElementOf<kDType>, kHeadDim>;
   return {Traits::kSmemBytes, Traits::kBlockN, Traits::kHeadDim};

@@ -10,15 +10,15 @@
 
 namespace flash_attn2 {
 
-template <DType kDType, int kHeadDim, MaskMode kMask, bool kModifiers>
+template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 cudaError_t run_fwd(FwdParams const& params, cudaStream_t stream) {
-  using Traits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, kModifiers>;
-  return launch_flat<FlashFwdKernelSm80<Traits, kMask, kModifiers>>(params, stream);
+  using Traits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, kMods>;
+  return launch_flat<FlashFwdKernelSm80<Traits, kMask, kMods>>(params, stream);
 }
 
-template <DType kDType, int kHeadDim, MaskMode kMask, bool kModifiers>
+template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 int fwd_smem_bytes() {
-  return FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, kModifiers>::kSmemBytes;
+  return FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, kMods>::kSmemBytes;
 }
 
 }  // namespace flash_attn2

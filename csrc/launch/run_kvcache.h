@@ -12,16 +12,16 @@
 
 namespace flash_attn2 {
 
-// The KV-cache kernels always compile softcap and ALiBi (switched at run time: decoding is bound by the
-// bytes of the cache, not by the score arithmetic), never dropout.
+// The KV-cache kernels always compile softcap and ALiBi (kAll: switched at run time; decoding is bound by
+// the bytes of the cache, not by the score arithmetic), never dropout.
 template <DType kDType, int kHeadDim, MaskMode kMask>
-using KVCacheTraits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, /*kModifiers=*/true, /*kKVCache=*/true>;
+using KVCacheTraits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, Modifiers::kAll, /*kKVCache=*/true>;
 
 constexpr int kCombineThreads = 128;
 
 template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_kvcache(KVCacheParams const& params, cudaStream_t stream) {
-  using Kernel = FlashFwdKernelSm80<KVCacheTraits<kDType, kHeadDim, kMask>, kMask, true, true>;
+  using Kernel = FlashFwdKernelSm80<KVCacheTraits<kDType, kHeadDim, kMask>, kMask, Modifiers::kAll, true>;
   cudaError_t const err = launch_flat<Kernel>(params, stream);
   if (err != cudaSuccess || params.num_splits <= 1) { return err; }
   int64_t const rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;

@@ -90,8 +90,10 @@ size_t kvcache_lse_accum_floats(KVCacheParams const& params);
 // Appends new keys/values to a KV cache in place and rotates q (see KVCacheAppendParams).
 Status kvcache_append(KVCacheAppendParams const& params, cudaStream_t stream);
 
-// The compiled kernels, one per line: "<fwd|bwd|kvcache> <fp16|bf16> <head dim> <none|causal|local> <plain|mod>"
-// ("mod": the kernels that apply softcap, ALiBi and dropout; the KV-cache kernels are all "mod", without dropout).
+// The compiled kernels, one per line:
+// "<fwd|bwd|kvcache> <fp16|bf16> <head dim> <none|causal|local> <plain|softcap|alibi|mod>" (the modifier
+// family, Modifiers in params.h: "mod" is kAll, softcap, ALiBi and dropout in any combination; the KV-cache
+// kernels are all "mod", without dropout).
 std::string built_kernels();
 
 // The dropout keep mask fwd and bwd apply for p's dropout_p, rng_state, sizes and cu_seqlens: keep[b][h][i][j]

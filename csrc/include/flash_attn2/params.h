@@ -17,6 +17,16 @@ enum class DType : int { kFp16 = 0, kBf16 = 1 };
 //            a negative window side being unbounded (causal with a window: window_right = 0).
 enum class MaskMode : int { kNone = 0, kCausal = 1, kLocal = 2 };
 
+// Which score modifiers a kernel family compiles in (a compile-time axis, like the mask):
+//   kPlain:   none.
+//   kSoftcap: logit softcapping alone, always on.
+//   kAlibi:   ALiBi alone, always on.
+//   kAll:     softcap, ALiBi and dropout, each switched at run time: any combination (dropout included).
+// The one-modifier families exist because a run-time switch costs what it guards: the compiler turns the
+// branches into predicated code, so a kernel that can drop out pays for Philox on every score even with
+// dropout off, and one that can softcap pays for tanh.
+enum class Modifiers : int { kPlain = 0, kSoftcap = 1, kAlibi = 2, kAll = 3 };
+
 // Forward attention on dense (batch, seqlen, heads, head_dim) tensors.
 // Strides are in elements; the head_dim stride is 1 for every tensor.
 struct FwdParams {
@@ -73,9 +83,19 @@ struct FwdParams {
   float dropout_p = 0.f;
   uint64_t const* __restrict__ rng_state = nullptr;
 
-  // Whether a kernel with the score modifiers must run.
-  bool has_modifiers() const { return softcap > 0.f || alibi_slopes != nullptr || dropout_p > 0.f; }
+  // The kernel family a call needs: the one-modifier family of its only modifier, kAll for dropout or
+  // for several at once. A kAll kernel also serves kSoftcap and kAlibi calls (see serves()).
+  Modifiers modifiers() const {
+    bool const capped = softcap > 0.f, biased = alibi_slopes != nullptr;
+    if (dropout_p > 0.f || (capped && biased)) { return Modifiers::kAll; }
+    return capped ? Modifiers::kSoftcap : biased ? Modifiers::kAlibi : Modifiers::kPlain;
+  }
 };
+
+// Whether a kernel of family `kernel` runs a call that needs family `call`.
+constexpr bool serves(Modifiers kernel, Modifiers call) {
+  return kernel == call || (kernel == Modifiers::kAll && call != Modifiers::kPlain);
+}
 
 // Attention over a KV cache (flash_attn_with_kvcache), forward only. The FwdParams part describes q, out,
 // softmax_lse and the caches as k and v: dense caches (cache_batch, seqlen_k, num_heads_k, head_dim) with
