@@ -19,7 +19,7 @@ namespace flash_attn2 {
 namespace {
 
 // The window and score modifiers of a call, as the ops take them.
-struct Modifiers {
+struct ModifierArgs {
   int64_t window_left = -1;
   int64_t window_right = -1;
   double softcap = 0.0;
@@ -117,7 +117,7 @@ void set_modifiers(FwdParams& p, at::Tensor const& q, double softcap, std::optio
 void fill_problem(FwdParams& p, at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, double softmax_scale,
                   bool causal, std::optional<at::Tensor> const& cu_seqlens_q,
                   std::optional<at::Tensor> const& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                  Modifiers const& mods) {
+                  ModifierArgs const& mods) {
   bool const varlen = cu_seqlens_q.has_value();
   TORCH_CHECK(varlen == cu_seqlens_k.has_value(), "flash_attn2: give both cu_seqlens_q and cu_seqlens_k, or neither");
   int64_t const dims = varlen ? 3 : 4;
@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd(at::Tensor const& q, at::Tensor const
                                            int64_t max_seqlen_k, int64_t window_left, int64_t window_right,
                                            double softcap, std::optional<at::Tensor> const& alibi_slopes,
                                            double dropout_p, std::optional<at::Tensor> const& rng_state) {
-  Modifiers const mods{window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state};
+  ModifierArgs const mods{window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state};
   FwdParams p;
   fill_problem(p, q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mods);
   bool const varlen = cu_seqlens_q.has_value();
@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mha_bwd(at::Tensor const& dout, a
                                                        int64_t window_left, int64_t window_right, double softcap,
                                                        std::optional<at::Tensor> const& alibi_slopes,
                                                        double dropout_p, std::optional<at::Tensor> const& rng_state) {
-  Modifiers const mods{window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state};
+  ModifierArgs const mods{window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state};
   BwdParams p;
   fill_problem(p, q, k, v, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mods);
   bool const varlen = cu_seqlens_q.has_value();
