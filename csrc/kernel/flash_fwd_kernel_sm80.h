@@ -184,16 +184,31 @@ struct FlashFwdKernelSm80 {
     Dropout const dropout(params, batch, head);
 
     if (n_block_max > n_block_min) {
-      // Prologue: Q and the last key block (the only one that can be short) in flight together.
-      int n_block = n_block_max - 1;
+      // The key blocks run from the last down, the masked ones at the ends. ALiBi without a mask instead
+      // runs outward from the diagonal: [turn, max) up, then [min, turn) down. Its bias falls with the
+      // distance from the diagonal, so a query block far below it would see its running max rise at
+      // almost every step of the downward order, and each rise by more than the softmax's threshold
+      // costs an O rescale; outward, the first blocks hold the largest scores.
+      constexpr bool kOutward = kMods == Modifiers::kAlibi && kMask == MaskMode::kNone;
+      int turn = n_block_max;
+      if constexpr (kOutward) {
+        int const crossing_begin = alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset()).begin;
+        turn = min(max(crossing_begin, n_block_min), n_block_max);
+      }
+      // Prologue: Q and the first key block in flight together.
+      int n_block = turn < n_block_max ? turn : n_block_max - 1;
+      using True = cute::true_type;
+      using False = cute::false_type;
+      int const n_block_unmasked_end = max(mask.n_block_unmasked_end(m_block), n_block_min);
       copy_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
       load_k(n_block, binfo.seqlen_k - n_block * kBlockN);
       cp_async_fence();
 
       // Forced inline: step is called from several loops, and an outlined step would take the register
       // fragments it captures by reference through local memory.
-      // exact_bias (the ALiBi family): the block may cross the diagonal (see init_alibi_scores).
-      auto step = [&](int n_block, auto needs_mask, auto exact_bias) CUTLASS_LAMBDA_FUNC_INLINE {
+      // next_block: the block to prefetch K of (none if < n_block_min). exact_bias (the ALiBi family): the
+      // block may cross the diagonal (see init_alibi_scores).
+      auto step = [&](int n_block, int next_block, auto needs_mask, auto exact_bias) CUTLASS_LAMBDA_FUNC_INLINE {
         Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
         modifiers.template init<decltype(exact_bias)::value>(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
                        mask.diagonal_offset());
@@ -211,8 +226,8 @@ struct FlashFwdKernelSm80 {
 
         cp_async_wait<0>();
         __syncthreads();  // V[n] has landed, and every warp is done reading K[n]
-        if (n_block > n_block_min) {
-          load_k(n_block - 1, kBlockN);
+        if (next_block >= n_block_min) {
+          load_k(next_block, binfo.seqlen_k - next_block * kBlockN);
           cp_async_fence();
         }
 
@@ -229,28 +244,43 @@ struct FlashFwdKernelSm80 {
         gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
       };
 
-      // The bare middle [begin, n_block] down to begin. The ALiBi family runs the blocks on one side of
-      // the diagonal with its cheaper bias, the ones the diagonal crosses with the exact one.
-      auto run_unmasked = [&](int begin) CUTLASS_LAMBDA_FUNC_INLINE {
-        if constexpr (kMods == Modifiers::kAlibi) {
-          BlockRange const crossing = alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset());
-          int const crossing_end = max(crossing.end, begin), crossing_begin = max(crossing.begin, begin);
-          for (; n_block >= crossing_end; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
-          for (; n_block >= crossing_begin; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
-          for (; n_block >= begin; --n_block) { step(n_block, cute::false_type{}, cute::false_type{}); }
-        } else {
-          for (; n_block >= begin; --n_block) { step(n_block, cute::false_type{}, cute::true_type{}); }
-        }
-      };
-      // The highest key blocks straddle the diagonal or the sequence end, the lowest (sliding window)
-      // the window's left edge: those are masked. The middle runs bare.
-      int const n_block_unmasked_end = max(mask.n_block_unmasked_end(m_block), n_block_min);
-      for (; n_block >= n_block_unmasked_end; --n_block) { step(n_block, cute::true_type{}, cute::true_type{}); }
-      if constexpr (Mask::kHasLeft) {
-        run_unmasked(max(mask.n_block_unmasked_begin(m_block), n_block_min));
-        for (; n_block >= n_block_min; --n_block) { step(n_block, cute::true_type{}, cute::true_type{}); }
+      if constexpr (kOutward) {
+        // Up from the diagonal, then down from below it. Blocks the diagonal crosses and the partial last
+        // block take the exact bias and the mask (for kNone, the sequence end: one compare per score), the
+        // rest the one-FFMA bias; a run-time choice between two whole steps, which stay branches.
+        int const crossing_end = alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset()).end;
+        auto visit = [&](int n, int next) CUTLASS_LAMBDA_FUNC_INLINE {
+          if ((n >= turn && n < crossing_end) || n >= n_block_unmasked_end) {
+            step(n, next, True{}, True{});
+          } else {
+            step(n, next, False{}, False{});
+          }
+        };
+        for (n_block = turn; n_block < n_block_max; ++n_block) { visit(n_block, n_block + 1 < n_block_max ? n_block + 1 : turn - 1); }
+        for (n_block = turn - 1; n_block >= n_block_min; --n_block) { visit(n_block, n_block - 1); }
       } else {
-        run_unmasked(n_block_min);
+        // The bare middle, from n_block down to begin. The ALiBi family runs the blocks on one side of the
+        // diagonal with its cheaper bias, the ones the diagonal crosses with the exact one.
+        auto run_unmasked = [&](int begin) CUTLASS_LAMBDA_FUNC_INLINE {
+          if constexpr (kMods == Modifiers::kAlibi) {
+            BlockRange const crossing = alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset());
+            int const crossing_end = max(crossing.end, begin), crossing_begin = max(crossing.begin, begin);
+            for (; n_block >= crossing_end; --n_block) { step(n_block, n_block - 1, False{}, False{}); }
+            for (; n_block >= crossing_begin; --n_block) { step(n_block, n_block - 1, False{}, True{}); }
+            for (; n_block >= begin; --n_block) { step(n_block, n_block - 1, False{}, False{}); }
+          } else {
+            for (; n_block >= begin; --n_block) { step(n_block, n_block - 1, False{}, True{}); }
+          }
+        };
+        // The highest key blocks straddle the diagonal or the sequence end, the lowest (sliding window)
+        // the window's left edge: those are masked. The middle runs bare.
+        for (; n_block >= n_block_unmasked_end; --n_block) { step(n_block, n_block - 1, True{}, True{}); }
+        if constexpr (Mask::kHasLeft) {
+          run_unmasked(max(mask.n_block_unmasked_begin(m_block), n_block_min));
+          for (; n_block >= n_block_min; --n_block) { step(n_block, n_block - 1, True{}, True{}); }
+        } else {
+          run_unmasked(n_block_min);
+        }
       }
     }
 
