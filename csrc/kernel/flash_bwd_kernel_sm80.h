@@ -73,8 +73,13 @@ struct FlashBwdKernelSm80 {
   CUTE_DEVICE void operator()(BwdKernelParams const& params, char* smem_buf) const {
     int const tidx = threadIdx.x;
     int const splits = params.num_splits;
-    int const bh = int(blockIdx.x) / splits;
-    int const split = int(blockIdx.x) - bh * splits;
+    // Under a mask the first key blocks see the most query blocks: like the forward (num_blocks there),
+    // the grid runs longest first across all heads (split 0 of every head, then split 1...); without one
+    // the splits of one head are consecutive, sharing Q and dO in L2.
+    constexpr bool kLongestFirst = kMask != MaskMode::kNone;
+    int const num_bh = params.num_heads * params.batch;
+    int const bh = kLongestFirst ? int(blockIdx.x) % num_bh : int(blockIdx.x) / splits;
+    int const split = kLongestFirst ? int(blockIdx.x) / num_bh : int(blockIdx.x) - bh * splits;
     int const head = bh % params.num_heads;
     int const batch = bh / params.num_heads;
 
