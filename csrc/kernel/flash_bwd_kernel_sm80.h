@@ -73,13 +73,17 @@ struct FlashBwdKernelSm80 {
   CUTE_DEVICE void operator()(BwdKernelParams const& params, char* smem_buf) const {
     int const tidx = threadIdx.x;
     int const splits = params.num_splits;
-    // Under a mask the first key blocks see the most query blocks: like the forward (num_blocks there),
-    // the grid runs longest first across all heads (split 0 of every head, then split 1...); without one
-    // the splits of one head are consecutive, sharing Q and dO in L2.
-    constexpr bool kLongestFirst = kMask != MaskMode::kNone;
-    int const num_bh = params.num_heads * params.batch;
-    int const bh = kLongestFirst ? int(blockIdx.x) % num_bh : int(blockIdx.x) / splits;
-    int const split = kLongestFirst ? int(blockIdx.x) / num_bh : int(blockIdx.x) - bh * splits;
+    // Without a mask the splits of one head are consecutive, sharing Q and dO in L2. Under one the first
+    // key blocks see the most query blocks: longest first, in groups of heads whose Q, dO (16-bit) and dQ
+    // accumulator (fp32) fit in L2 together (longest_first in collective/utils.h).
+    int bh = int(blockIdx.x) / splits;
+    int split = int(blockIdx.x) - bh * splits;
+    if constexpr (kMask != MaskMode::kNone) {
+      int64_t const q_bytes = int64_t(params.seqlen_q) * kHeadDim * (2 * int64_t(sizeof(Element)) + 4);
+      GridSlot const slot = longest_first(int(blockIdx.x), splits, params.num_heads * params.batch, q_bytes);
+      bh = slot.bh;
+      split = slot.rank;
+    }
     int const head = bh % params.num_heads;
     int const batch = bh / params.num_heads;
 

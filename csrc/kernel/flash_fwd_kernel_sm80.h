@@ -50,10 +50,7 @@ struct FlashFwdKernelSm80 {
   // One flat grid dimension (x allows 2^31 - 1 blocks; y and z only 65535, less than batch or heads may
   // be). Without a mask every CTA has the same work and the query blocks of one (batch, head) are
   // consecutive, so they share K and V in L2. Under a causal or window mask the work grows with the
-  // query block, and the grid runs longest first across all heads (every head's last query block, then
-  // every head's one before...): the SMs take the next CTA as they free up, and with the short CTAs last
-  // the grid ends evenly. Head by head, a wave's last CTAs could be long ones started late; a model of
-  // that list scheduling puts its tail at 7-15% of the causal run time at 1k-4k keys, 1% longest first.
+  // query block: longest first, in groups of heads (longest_first in collective/utils.h).
   static int64_t num_blocks(Params const& p) {
     return int64_t(num_m_blocks(p.seqlen_q)) * num_splits(p) * p.num_heads * p.batch;
   }
@@ -62,11 +59,17 @@ struct FlashFwdKernelSm80 {
     int const tidx = threadIdx.x;
     int const m_blocks = num_m_blocks(params.seqlen_q);
     int const splits = num_splits(params);
-    constexpr bool kLongestFirst = kMask != MaskMode::kNone && !kKVCache;
-    int const num_bhs = params.num_heads * params.batch * splits;
-    int const bhs = kLongestFirst ? int(blockIdx.x) % num_bhs : int(blockIdx.x) / m_blocks;
+    int bhs = int(blockIdx.x) / m_blocks;
     // The last query blocks do the most work under a mask (and as much without one): they go first.
-    int const m_block = m_blocks - 1 - (kLongestFirst ? int(blockIdx.x) / num_bhs : int(blockIdx.x) - bhs * m_blocks);
+    int m_block = m_blocks - 1 - (int(blockIdx.x) - bhs * m_blocks);
+    if constexpr (kMask != MaskMode::kNone && !kKVCache) {
+      // Bytes of K and V per query head (the heads of a GQA group are consecutive and share them).
+      int64_t const kv_bytes = int64_t(params.seqlen_k) * kHeadDim * 2 * int64_t(sizeof(Element)) *
+                               params.num_heads_k / max(params.num_heads, 1);
+      GridSlot const slot = longest_first(int(blockIdx.x), m_blocks, params.num_heads * params.batch, kv_bytes);
+      bhs = slot.bh;
+      m_block = m_blocks - 1 - slot.rank;
+    }
     int const split = bhs % splits;
     int const bh = bhs / splits;
     int const head = bh % params.num_heads;
