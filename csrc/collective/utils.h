@@ -29,10 +29,9 @@ CUTE_DEVICE void keep_branch() { __nanosleep(0); }
 // block, the backward's key block). Longest first across heads: the SMs take the next CTA as they free
 // up, so with the short CTAs last the grid ends evenly, where head by head a wave's last CTAs can be long
 // ones started late (a model of that list scheduling puts the tail at 7-15% of a causal run at 1k-4k
-// keys, 1% longest first). But a head's CTAs then run far apart in time and its operands leave L2, so
-// the heads go in groups whose operands (bytes_per_head) fit in about half an L2 (H100/H200 50 MB, A100
-// 40 MB): longest first within a group, group after group. Measured at causal 2k, bf16 (H200): longest
-// first over all heads 0.92x SDPA-flash at hdim 64 (K/V re-read from HBM), 1.10x at hdim 128.
+// keys, 1% longest first). But a head's CTAs then run far apart in time, and its operands come from HBM
+// instead of L2. bytes_per_head > 0 takes the heads in groups whose operands fit in about half an L2
+// (H100/H200 50 MB, A100 40 MB): longest first within a group, group after group; 0 orders all heads.
 // Returns (block rank: 0 the longest, bh: batch * num_heads + head) of CTA `cta`.
 struct GridSlot {
   int rank;
