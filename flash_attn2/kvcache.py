@@ -286,7 +286,8 @@ def flash_attn_with_kvcache(
         rotary_interleaved: rotate pairs ``(2i, 2i + 1)`` (GPT-J, the default); False: halves
             ``(i, i + rotary_dim / 2)`` (GPT-NeoX).
         num_splits: the keys of a row are split into this many parts computed in parallel and merged (more
-            blocks for a small batch); 0 lets a heuristic choose, 1 does not split. Ignored on CPU.
+            blocks for a small batch); 0 lets a heuristic choose, 1 does not split; more than 256 is taken
+            as 256 (it bounds the fp32 workspace). Ignored on CPU.
         return_softmax_lse: also return the log-sum-exp.
 
     Returns:

@@ -286,6 +286,37 @@ def test_parse_built_kernels():
     assert _ops.parse_built_kernels("fwd bf16 64 none plain\nxyz anything at all", "bwd") == frozenset()
 
 
+def test_parse_built_kernels_knows_the_modifier_families():
+    text = "fwd bf16 128 none softcap\nfwd bf16 128 causal alibi\nbwd fp16 64 local mod\n"
+    assert _ops.parse_built_kernels(text) == {
+        _ops.KernelKey("bf16", 128, "none", "softcap"),
+        _ops.KernelKey("bf16", 128, "causal", "alibi"),
+    }
+
+
+@pytest.mark.parametrize(
+    "softcap,alibi,dropout_p,family",
+    [(0.0, None, 0.0, "plain"), (30.0, None, 0.0, "softcap"), (0.0, "slopes", 0.0, "alibi"),
+     (30.0, "slopes", 0.0, "mod"), (0.0, None, 0.1, "mod"), (5.0, None, 0.1, "mod"), (0.0, "slopes", 0.1, "mod")],
+)
+def test_kernel_modifiers_names_the_family_the_dispatcher_picks(softcap, alibi, dropout_p, family):
+    """As FwdParams::modifiers() in params.h: the one-modifier family of a lone softcap or ALiBi, "mod" for
+    dropout or for several at once; "mod" kernels also serve the one-modifier calls."""
+    assert _ops.kernel_modifiers(softcap, alibi, dropout_p) == family
+    assert _ops.serving_families(family) == ((family, "mod") if family in ("softcap", "alibi") else (family,))
+
+
+def test_largest_head_dim_counts_the_mod_kernels_for_one_modifier_calls(monkeypatch):
+    kernels = frozenset({_ops.KernelKey("bf16", 128, "none", "mod"), _ops.KernelKey("bf16", 64, "none", "softcap"),
+                         _ops.KernelKey("bf16", 256, "none", "plain")})
+    monkeypatch.setattr(_ops, "built_kernels", lambda direction="fwd": kernels)
+    assert _ops.largest_head_dim(torch.bfloat16, "none", "softcap") == 128  # its own 64, or mod's 128
+    assert _ops.largest_head_dim(torch.bfloat16, "none", "alibi") == 128    # mod only
+    assert _ops.largest_head_dim(torch.bfloat16, "none", "mod") == 128
+    assert _ops.largest_head_dim(torch.bfloat16, "none", "plain") == 256   # mod never serves a plain call
+    assert _ops.largest_head_dim(torch.bfloat16, "causal", "softcap") == 0
+
+
 @pytest.mark.parametrize(
     "line",
     ["fwd bf16 128 none", "fwd fp32 128 none plain", "fwd bf16 x none plain", "fwd bf16 64 window plain",

@@ -39,9 +39,9 @@ CUTE_DEVICE void init_alibi_scores(TensorS& acc_s, TensorC const& tScS0, float r
   Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));    // (rows, cols)
   Tensor coords = make_tensor(tScS0.data(), acc_rowcol(tScS0.layout()));    // (rows, cols) -> (row, col)
   int const row0 = m_block * block_m + diagonal_offset, col0 = n_block * block_n;
-  int const d_min = row0 - (col0 + block_n - 1);  // the tile's distances span [d_min, d_max]: CTA-uniform
+  // Below the diagonal (d >= 0) the bias is -slope * d; above it (the tile's largest distance <= 0)
+  // slope * d. The tile's side is CTA-uniform.
   int const d_max = row0 + block_m - 1 - col0;
-  // Below the diagonal (d >= 0) the bias is -slope * d; above it slope * d.
   float const signed_slope = !kAbs && d_max <= 0 ? raw_slope : -raw_slope;
   float const x0 = signed_slope * float(row0 + row_base - col0 - col_base);
   float x[decltype(size<0>(scores))::value];
