@@ -28,20 +28,20 @@ struct BlockMask {
   int right;
   static constexpr int kUnbounded = 1 << 30;
 
-  CUTE_DEVICE BlockMask(int seqlen_q_, int seqlen_k_, int window_left = -1, int window_right = -1)
+  CUTE_HOST_DEVICE BlockMask(int seqlen_q_, int seqlen_k_, int window_left = -1, int window_right = -1)
       : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_) {
     left = kHasLeft && window_left >= 0 ? min(window_left, kUnbounded) : kUnbounded;
     right = kMode == MaskMode::kCausal ? 0 : kHasRight && window_right >= 0 ? min(window_right, kUnbounded) : kUnbounded;
   }
 
   // Bottom-right alignment: the diagonal of row i is key i + diagonal_offset().
-  CUTE_DEVICE int diagonal_offset() const { return seqlen_k - seqlen_q; }
+  CUTE_HOST_DEVICE int diagonal_offset() const { return seqlen_k - seqlen_q; }
 
   // The forward's view from a query block: key blocks [n_block_begin, n_block_end) hold keys that some
   // valid row of m_block sees; of those, [n_block_unmasked_begin, n_block_unmasked_end) are fully visible
   // to every row of m_block and run without a predicate.
-  CUTE_DEVICE int last_row(int m_block) const { return min((m_block + 1) * kBlockM, seqlen_q) - 1; }
-  CUTE_DEVICE int n_block_end(int m_block) const {
+  CUTE_HOST_DEVICE int last_row(int m_block) const { return min((m_block + 1) * kBlockM, seqlen_q) - 1; }
+  CUTE_HOST_DEVICE int n_block_end(int m_block) const {
     int end = ceil_div(seqlen_k, kBlockN);
     if constexpr (kHasRight) {
       int64_t const keys_visible = int64_t(last_row(m_block)) + diagonal_offset() + right + 1;  // keys [0, it)
@@ -49,7 +49,7 @@ struct BlockMask {
     }
     return end;
   }
-  CUTE_DEVICE int n_block_begin(int m_block) const {
+  CUTE_HOST_DEVICE int n_block_begin(int m_block) const {
     if constexpr (kHasLeft) {
       int64_t const first_key = int64_t(m_block) * kBlockM + diagonal_offset() - left;
       return first_key <= 0 ? 0 : int(min(first_key / kBlockN, int64_t(INT_MAX)));
@@ -57,7 +57,7 @@ struct BlockMask {
     return 0;
   }
   // Key blocks below this are fully visible to the right of every row of m_block.
-  CUTE_DEVICE int n_block_unmasked_end(int m_block) const {
+  CUTE_HOST_DEVICE int n_block_unmasked_end(int m_block) const {
     int end = seqlen_k / kBlockN;  // a partial last block needs its tail masked
     if constexpr (kHasRight) {
       int64_t const keys_visible_to_first_row = int64_t(m_block) * kBlockM + diagonal_offset() + right + 1;
@@ -66,7 +66,7 @@ struct BlockMask {
     return end;
   }
   // Key blocks from this one up are fully visible to the left of every row of m_block.
-  CUTE_DEVICE int n_block_unmasked_begin(int m_block) const {
+  CUTE_HOST_DEVICE int n_block_unmasked_begin(int m_block) const {
     if constexpr (kHasLeft) {
       int64_t const first_key_of_last_row = int64_t(last_row(m_block)) + diagonal_offset() - left;
       return first_key_of_last_row <= 0 ? 0 : int(min((first_key_of_last_row + kBlockN - 1) / kBlockN, int64_t(INT_MAX)));
@@ -78,9 +78,9 @@ struct BlockMask {
   // [m_block_begin, m_block_end); of those, [m_block_unmasked_begin, m_block_unmasked_end) see every key
   // of the block and run without a predicate (none when n_block is a partial last block: its zero-filled
   // tail keys must be masked).
-  CUTE_DEVICE int last_key(int n_block) const { return min((n_block + 1) * kBlockN, seqlen_k) - 1; }
-  CUTE_DEVICE int m_blocks() const { return ceil_div(seqlen_q, kBlockM); }
-  CUTE_DEVICE int m_block_begin(int n_block) const {
+  CUTE_HOST_DEVICE int last_key(int n_block) const { return min((n_block + 1) * kBlockN, seqlen_k) - 1; }
+  CUTE_HOST_DEVICE int m_blocks() const { return ceil_div(seqlen_q, kBlockM); }
+  CUTE_HOST_DEVICE int m_block_begin(int n_block) const {
     if constexpr (kHasRight) {
       // Row i sees key n_block * kBlockN iff i >= n_block * kBlockN - diagonal_offset() - right.
       int64_t const first_row = int64_t(n_block) * kBlockN - diagonal_offset() - right;
@@ -88,7 +88,7 @@ struct BlockMask {
     }
     return 0;
   }
-  CUTE_DEVICE int m_block_end(int n_block) const {
+  CUTE_HOST_DEVICE int m_block_end(int n_block) const {
     if constexpr (kHasLeft) {
       // Row i sees the block's last key iff i <= last_key - diagonal_offset() + left.
       int64_t const rows = int64_t(last_key(n_block)) - diagonal_offset() + left + 1;  // rows [0, it)
@@ -96,7 +96,7 @@ struct BlockMask {
     }
     return m_blocks();
   }
-  CUTE_DEVICE int m_block_unmasked_begin(int n_block) const {
+  CUTE_HOST_DEVICE int m_block_unmasked_begin(int n_block) const {
     int const begin = m_block_begin(n_block);
     if ((n_block + 1) * kBlockN > seqlen_k) { return max(begin, m_blocks()); }
     if constexpr (kHasRight) {
@@ -107,7 +107,7 @@ struct BlockMask {
     }
     return begin;
   }
-  CUTE_DEVICE int m_block_unmasked_end(int n_block) const {
+  CUTE_HOST_DEVICE int m_block_unmasked_end(int n_block) const {
     if constexpr (kHasLeft) {
       // Rows i > first_key - diagonal_offset() + left miss some key of the block.
       int64_t const rows_unmasked = int64_t(n_block) * kBlockN - diagonal_offset() + left + 1;  // rows [0, it)

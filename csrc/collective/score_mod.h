@@ -60,8 +60,8 @@ CUTE_DEVICE void init_alibi_scores(TensorS& acc_s, TensorC const& tScS0, float r
 struct BlockRange {
   int begin, end;
 };
-CUTE_DEVICE int floor_div(int a, int b) { return a >= 0 ? a / b : -((b - 1 - a) / b); }  // b > 0
-CUTE_DEVICE BlockRange alibi_crossing_blocks(int m_block, int block_m, int block_n, int diagonal_offset) {
+CUTE_HOST_DEVICE int floor_div(int a, int b) { return a >= 0 ? a / b : -((b - 1 - a) / b); }  // b > 0
+CUTE_HOST_DEVICE BlockRange alibi_crossing_blocks(int m_block, int block_m, int block_n, int diagonal_offset) {
   int const row0 = m_block * block_m + diagonal_offset;
   // d_max = row0 + block_m - 1 - n * block_n > 0 and d_min = row0 - n * block_n - block_n + 1 < 0.
   return {floor_div(row0 - block_n + 1, block_n) + 1, floor_div(row0 + block_m - 2, block_n) + 1};

@@ -37,7 +37,7 @@ struct GridSlot {
   int rank;
   int bh;
 };
-CUTE_DEVICE GridSlot longest_first(int cta, int blocks_per_head, int num_bh, int64_t bytes_per_head) {
+CUTE_HOST_DEVICE GridSlot longest_first(int cta, int blocks_per_head, int num_bh, int64_t bytes_per_head) {
   constexpr int64_t kL2Budget = int64_t(24) << 20;
   int const group = int(max(int64_t(1), min(int64_t(num_bh), kL2Budget / max(bytes_per_head, int64_t(1)))));
   int const per_group = group * blocks_per_head;  // <= the grid's CTAs
