@@ -27,10 +27,14 @@ constexpr FwdTile fwd_tile(int head_dim, MaskMode mask, Modifiers mods = Modifie
     // 24 KB smem. (Spills 28 B; not yet measured against narrower tiles.)
     case 32: return {128, 128, 4};
     // Non-causal: 128x128 beat 128x64 by 6% at 1k and 2% at 4k despite ~180 B of spills.
-    // Causal: 128x64 (no spills) beat 128x128 by 2-3%: its diagonal steps are narrower.
+    // Causal: 128x64 (no spills) beat 128x128 by 2-3% at first (its diagonal steps are narrower); since the
+    // O rescale is a real branch (keep_branch) 128x128 is ahead: ours / sdpa_flash at 1k-16k, bf16 1.02 /
+    // 0.98 / 1.00 / 1.02 / 1.02 against 1.00 / 0.97 / 0.99 / 1.00 / 1.01 (fp16 1.01-1.06 against 0.98-1.02).
+    // A sliding window keeps 128x64 (not measured at 128x128).
     // With the modifiers (kAll) 128x128 spilled 576 B (ptxas), 128x64 180 B; softcap 232 B, ALiBi 316 B:
     // every modifier family takes 128x64.
-    case 64: return causal || mods != Modifiers::kPlain ? FwdTile{128, 64, 4} : FwdTile{128, 128, 4};
+    case 64:
+      return mask == MaskMode::kLocal || mods != Modifiers::kPlain ? FwdTile{128, 64, 4} : FwdTile{128, 128, 4};
     // d=96 uses a 32-column swizzle atom; 128x64 keeps O (96 regs) + S (64 regs) without spills.
     case 96: return {128, 64, 4};
     // O takes 128 registers per thread. 128x64 beat 128x32 (no spills) by 5-10% at 1k-16k, and 8 warps

@@ -62,15 +62,14 @@ struct FlashFwdKernelSm80 {
     int bhs = int(blockIdx.x) / m_blocks;
     // The last query blocks do the most work under a mask (and as much without one): they go first.
     int m_block = m_blocks - 1 - (int(blockIdx.x) - bhs * m_blocks);
-    // Longest first over all heads where a step is long enough to cover a K/V load from HBM with the one
-    // tile in flight (measured on an H200, causal, bf16, ratio to SDPA-flash at 1k / 2k / 4k / 16k keys:
-    // hdim 128 1.04 / 1.05 / 1.08 / 1.12 head by head, 1.05 / 1.10 / 1.12 / 1.14 longest first; hdim 256
-    // 0.79 / 0.88 / 0.90 / 1.04 -> 0.92 / 0.98 / 1.02 / 1.05). Shorter steps stall on it: hdim 64
-    // (128 x 64, 2 MFLOP a step) fell from 1.00 / 0.97 / 0.99 / 1.01 to 0.94 / 0.92 / 0.97 / 1.01, and
-    // groups of heads that fit in L2 only brought it back to 1.00 / 0.99 / 0.99 / 1.02 while they cost
-    // hdim 128 and 256 most of their gain, so they stay head by head.
-    constexpr bool kLongestFirst =
-        kMask != MaskMode::kNone && !kKVCache && int64_t(4) * kBlockM * kBlockN * kHeadDim >= (int64_t(4) << 20);
+    // Longest first over all heads where it was measured to pay, head dims >= 128 (H200, causal, bf16,
+    // ratio to SDPA-flash at 1k / 2k / 4k / 16k keys: hdim 128 1.04 / 1.05 / 1.08 / 1.12 head by head,
+    // 1.05 / 1.10 / 1.12 / 1.14 longest first; hdim 256 0.79 / 0.88 / 0.90 / 1.04 -> 0.92 / 0.98 / 1.02 /
+    // 1.05). hdim 64 (128 x 64 then) fell from 1.00 / 0.97 / 0.99 / 1.01 to 0.94 / 0.92 / 0.97 / 1.01: a
+    // head's CTAs run apart in time, K and V come from HBM, and its 2-MFLOP steps with one tile in flight
+    // cannot cover that latency; groups of heads that fit in L2 only brought it back to 1.00 / 0.99 /
+    // 0.99 / 1.02 while they cost hdim 128 and 256 most of their gain. Below 128 the grid stays head by head.
+    constexpr bool kLongestFirst = kMask != MaskMode::kNone && !kKVCache && kHeadDim >= 128;
     if constexpr (kLongestFirst) {
       GridSlot const slot = longest_first(int(blockIdx.x), m_blocks, params.num_heads * params.batch, 0);
       bhs = slot.bh;
