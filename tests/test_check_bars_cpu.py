@@ -1,0 +1,50 @@
+"""benchmarks/check_bars.py on a synthetic CSV: which configs it calls below their bar, and its exit status."""
+
+import csv
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def check_bars():
+    spec = importlib.util.spec_from_file_location("check_bars", os.path.join(ROOT, "benchmarks", "check_bars.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_csv(path, rows):
+    fields = ["backend", "pass", "dtype", "hdim", "causal", "seqlen", "tflops", "modifier"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for backend, hdim, causal, seqlen, tflops in rows:
+            writer.writerow(dict(backend=backend, **{"pass": "fwd"}, dtype="bf16", hdim=hdim, causal=causal,
+                                 seqlen=seqlen, tflops=tflops, modifier=""))
+
+
+def test_reports_only_configs_below_their_bar(check_bars, tmp_path, capsys):
+    path = tmp_path / "run.csv"
+    write_csv(path, [
+        ("ours", 128, True, 1024, 99.0), ("sdpa_flash", 128, True, 1024, 100.0),    # 0.99 < 1.0: miss
+        ("ours", 128, False, 4096, 101.0), ("sdpa_flash", 128, False, 4096, 100.0),  # met
+        ("ours", 256, True, 2048, 91.0), ("sdpa_flash", 256, True, 2048, 100.0),     # 0.91 >= 0.9: met
+        ("ours", 96, True, 1024, 80.0), ("sdpa_flash", 96, True, 1024, 100.0),       # 0.80 < 0.9: miss
+        ("ours", 64, False, 512, 50.0), ("sdpa_flash", 64, False, 512, 100.0),       # below 1k: not a bar
+    ])
+    assert check_bars.main([str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "hdim 128 causal seqlen 1024: 0.990" in out and "hdim 96 causal seqlen 1024: 0.800" in out
+    assert "hdim 256" not in out and "seqlen 512" not in out and "seqlen 4096" not in out
+    assert "4 configs checked, 2 below their bar" in out
+
+
+def test_passes_when_every_config_meets_its_bar(check_bars, tmp_path):
+    path = tmp_path / "run.csv"
+    write_csv(path, [("ours", 64, True, 16384, 300.0), ("sdpa_flash", 64, True, 16384, 290.0)])
+    assert check_bars.main([str(path)]) == 0
+    assert check_bars.main([str(path), "--pass", "bwd"]) == 1  # nothing of that pass: nothing checked
