@@ -3,7 +3,8 @@
 //
 // Units. The main loops keep raw scores s = q.k and fold the softmax scale into the exponent. The
 // modifiers act on scaled scores z = s * scale, so they are written back in raw units, z' / scale, and
-// the softmax code is the same for both kinds of kernel.
+// the softmax code is the same for every kernel; only the softcap family keeps tanh units instead, with
+// its own softmax scale (ScoreModifiers::score_scale).
 #pragma once
 
 #include <cmath>
@@ -24,16 +25,17 @@ CUTE_DEVICE float tanh_approx(float x) {
   return y;
 }
 
-// The ALiBi family's bias as the initial value of the score accumulator, so that the GEMM adds q.k to it.
-// Score (r, c) of this thread is d = base + r - c keys from its row's diagonal (r, c: thread 0's static
+// ALiBi's bias, -slope * |d|, for this thread's scores: the ALiBi family writes it as the initial value of
+// the score accumulator, so that the GEMM adds q.k to it; kAdd adds it instead (the kAll family, after the
+// softcap). Score (r, c) of this thread is d = base + r - c keys from its row's diagonal (r, c: thread 0's static
 // offsets, as in BlockMask::apply). On a tile wholly on one side of the diagonal -slope * |d| = x_r + y_c,
 // a row term plus a column term: one FFMA with an immediate per score. kAbs: the tile may cross the
 // diagonal (alibi_crossing_blocks), and each score takes -|x_r + y_c|, one op more. (A run-time choice
 // between the two would be compiled as both, predicated: the caller's loops decide it.) x_r and y_c are
 // small wherever the bias is (near the diagonal), so fp32 keeps it exact enough; far from it exp() of the
 // bias is 0 anyway.
-template <bool kAbs, class TensorS, class TensorC>
-CUTE_DEVICE void init_alibi_scores(TensorS& acc_s, TensorC const& tScS0, float raw_slope, int row_base, int col_base,
+template <bool kAbs, bool kAdd = false, class TensorS, class TensorC>
+CUTE_DEVICE void alibi_bias(TensorS& acc_s, TensorC const& tScS0, float raw_slope, int row_base, int col_base,
                                    int m_block, int n_block, int block_m, int block_n, int diagonal_offset) {
   CUTE_STATIC_ASSERT_V(size(acc_s) == size(tScS0));
   Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));    // (rows, cols)
@@ -51,12 +53,19 @@ CUTE_DEVICE void init_alibi_scores(TensorS& acc_s, TensorC const& tScS0, float r
   for (int c = 0; c < size<1>(scores); ++c) {
     float const y = -signed_slope * float(get<1>(coords(0, c)));
     CUTE_UNROLL
-    for (int r = 0; r < size<0>(scores); ++r) { scores(r, c) = kAbs ? -fabsf(x[r] + y) : x[r] + y; }
+    for (int r = 0; r < size<0>(scores); ++r) {
+      float const bias = kAbs ? -fabsf(x[r] + y) : x[r] + y;
+      if constexpr (kAdd) {
+        scores(r, c) += bias;
+      } else {
+        scores(r, c) = bias;
+      }
+    }
   }
 }
 
 // The key blocks [begin, end) whose scores lie on both sides of the diagonal for query block m_block
-// (distances d = row + diagonal_offset - key of both signs): those need init_alibi_scores<true>.
+// (distances d = row + diagonal_offset - key of both signs): those need alibi_bias<true>.
 struct BlockRange {
   int begin, end;
 };
@@ -96,14 +105,13 @@ struct ScoreModifiers {
   CUTE_DEVICE float score_scale(FwdParams const& p) const { return kTanhUnits ? p.softcap : p.softmax_scale; }
 
   // The score accumulator before S = Q K^T adds to it: zero, or the ALiBi family's bias
-  // (init_alibi_scores; the kAll family adds its bias after the softcap, in apply()).
-  // kAbs: see init_alibi_scores.
+  // (alibi_bias; the kAll family adds its bias after the softcap, in apply()). kAbs: see alibi_bias.
   template <bool kAbs = true, class TensorS, class TensorC>
   CUTE_DEVICE void init(TensorS& acc_s, TensorC const& tScS0, int row_base, int col_base, int m_block, int n_block,
                         int block_m, int block_n, int diagonal_offset) const {
     if constexpr (kMods == Modifiers::kAlibi) {
-      init_alibi_scores<kAbs>(acc_s, tScS0, alibi_raw_slope, row_base, col_base, m_block, n_block, block_m, block_n,
-                        diagonal_offset);
+      alibi_bias<kAbs>(acc_s, tScS0, alibi_raw_slope, row_base, col_base, m_block, n_block, block_m, block_n,
+                       diagonal_offset);
     } else {
       clear(acc_s);
     }
@@ -130,17 +138,8 @@ struct ScoreModifiers {
     if constexpr (kMods == Modifiers::kAll) {  // the ALiBi family's bias is already in (init)
       if (alibi_on) {
         keep_branch();
-        // Score (r, c) lies base + r - c keys from its row's diagonal (r, c: thread 0's static offsets),
-        // so its bias is -|slope * (base + r) - slope * c|: one FFMA with an immediate and one FADD of an
-        // absolute value per score. slope * (base + r) is small wherever the bias is (near the diagonal),
-        // so fp32 keeps it exact enough; far from it exp() of the bias is 0 anyway.
-        int const base = m_block * block_m + row_base + diagonal_offset - (n_block * block_n + col_base);
-        float const slope_base = alibi_raw_slope * float(base);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) {
-          float const row_term = slope_base + alibi_raw_slope * float(get<0>(tScS0(i)));
-          acc_s(i) -= fabsf(row_term - alibi_raw_slope * float(get<1>(tScS0(i))));
-        }
+        alibi_bias</*kAbs=*/true, /*kAdd=*/true>(acc_s, tScS0, alibi_raw_slope, row_base, col_base, m_block,
+                                                 n_block, block_m, block_n, diagonal_offset);
       }
     }
   }

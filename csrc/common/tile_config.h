@@ -15,13 +15,12 @@ struct FwdTile {
 // Shared memory is Q (block_m x d) + K and V (block_n x d each), 2 bytes per element. Registers decide:
 // each thread holds block_m * d / threads fp32 of O plus block_m * block_n / threads of S, and a tile
 // that makes ptxas spill loses more than its larger key step gains.
-// A sliding window (kLocal) takes the causal rows: its steps straddle a diagonal as well.
+// Causal and sliding-window (kLocal) kernels share a row unless it says otherwise.
 // mods: the kAll family (softcap, ALiBi and dropout compiled in) holds their parameters and the Philox
 // state in registers too; the one-modifier families (kSoftcap, kAlibi) take the plain tiles unless a row
 // says otherwise.
 constexpr FwdTile fwd_tile(int head_dim, MaskMode mask, Modifiers mods = Modifiers::kPlain) {
-  bool const causal = mask != MaskMode::kNone;
-  bool const modifiers = mods == Modifiers::kAll;
+  bool const all_mods = mods == Modifiers::kAll;  // the family with dropout
   switch (head_dim) {
     // Small d: loads are cheap relative to the S tile, so a wide key step amortises the softmax.
     // 24 KB smem. (Spills 28 B; not yet measured against narrower tiles.)
@@ -42,7 +41,7 @@ constexpr FwdTile fwd_tile(int head_dim, MaskMode mask, Modifiers mods = Modifie
     // With the modifiers (kAll), 128x64 spilled 480-648 B (ptxas) and ran 2.1x the plain kernel's time on
     // an H200 (4k, bf16); 128x32 spills 64-80 B, as little as the plain 128x64. softcap and ALiBi alone:
     // 128x64 spills 40-64 B.
-    case 128: return modifiers ? FwdTile{128, 32, 4} : FwdTile{128, 64, 4};
+    case 128: return all_mods ? FwdTile{128, 32, 4} : FwdTile{128, 64, 4};
     // O would need 192 registers with 4 warps: 8 warps halve it. 80 KB smem.
     case 192: return {128, 64, 8};
     // 8 warps: 128 O registers per thread. 128 KB smem: fits A100 (163 KB) and H100 (227 KB), not sm86/89 (99 KB).

@@ -50,7 +50,7 @@ struct FlashFwdKernelSm80 {
   // One flat grid dimension (x allows 2^31 - 1 blocks; y and z only 65535, less than batch or heads may
   // be). Without a mask every CTA has the same work and the query blocks of one (batch, head) are
   // consecutive, so they share K and V in L2. Under a causal or window mask the work grows with the
-  // query block: longest first, in groups of heads (longest_first in collective/utils.h).
+  // query block, and head dims >= 128 run longest first (see operator()).
   static int64_t num_blocks(Params const& p) {
     return int64_t(num_m_blocks(p.seqlen_q)) * num_splits(p) * p.num_heads * p.batch;
   }
@@ -204,11 +204,11 @@ struct FlashFwdKernelSm80 {
       // almost every step of the downward order, and each rise by more than the softmax's threshold
       // costs an O rescale; outward, the first blocks hold the largest scores.
       constexpr bool kOutward = kMods == Modifiers::kAlibi && kMask == MaskMode::kNone;
-      int turn = n_block_max;
-      if constexpr (kOutward) {
-        int const crossing_begin = alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset()).begin;
-        turn = min(max(crossing_begin, n_block_min), n_block_max);
-      }
+      // The ALiBi family's key blocks that the diagonal crosses (exact bias), empty for the others.
+      BlockRange const crossing = kMods == Modifiers::kAlibi
+                                      ? alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset())
+                                      : BlockRange{0, 0};
+      int const turn = kOutward ? min(max(crossing.begin, n_block_min), n_block_max) : n_block_max;
       // Prologue: Q and the first key block in flight together.
       int n_block = turn < n_block_max ? turn : n_block_max - 1;
       using True = cute::true_type;
@@ -221,11 +221,11 @@ struct FlashFwdKernelSm80 {
       // Forced inline: step is called from several loops, and an outlined step would take the register
       // fragments it captures by reference through local memory.
       // next_block: the block to prefetch K of (none if < n_block_min). exact_bias (the ALiBi family): the
-      // block may cross the diagonal (see init_alibi_scores).
+      // block may cross the diagonal (see alibi_bias).
       auto step = [&](int n_block, int next_block, auto needs_mask, auto exact_bias) CUTLASS_LAMBDA_FUNC_INLINE {
         Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
-        modifiers.template init<decltype(exact_bias)::value>(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
-                       mask.diagonal_offset());
+        modifiers.template init<decltype(exact_bias)::value>(acc_s, tScS0, score_row_base, score_col_base, m_block,
+                                                             n_block, kBlockM, kBlockN, mask.diagonal_offset());
         cp_async_wait<0>();
         __syncthreads();  // K[n] has landed, and every warp is done reading V[n + 1]
         load_v(n_block, binfo.seqlen_k - n_block * kBlockN);
@@ -262,22 +262,22 @@ struct FlashFwdKernelSm80 {
         // Up from the diagonal, then down from below it. Blocks the diagonal crosses and the partial last
         // block take the exact bias and the mask (for kNone, the sequence end: one compare per score), the
         // rest the one-FFMA bias; a run-time choice between two whole steps, which stay branches.
-        int const crossing_end = alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset()).end;
         auto visit = [&](int n, int next) CUTLASS_LAMBDA_FUNC_INLINE {
-          if ((n >= turn && n < crossing_end) || n >= n_block_unmasked_end) {
+          if ((n >= turn && n < crossing.end) || n >= n_block_unmasked_end) {
             step(n, next, True{}, True{});
           } else {
             step(n, next, False{}, False{});
           }
         };
-        for (n_block = turn; n_block < n_block_max; ++n_block) { visit(n_block, n_block + 1 < n_block_max ? n_block + 1 : turn - 1); }
+        for (n_block = turn; n_block < n_block_max; ++n_block) {
+          visit(n_block, n_block + 1 < n_block_max ? n_block + 1 : turn - 1);
+        }
         for (n_block = turn - 1; n_block >= n_block_min; --n_block) { visit(n_block, n_block - 1); }
       } else {
         // The bare middle, from n_block down to begin. The ALiBi family runs the blocks on one side of the
         // diagonal with its cheaper bias, the ones the diagonal crosses with the exact one.
         auto run_unmasked = [&](int begin) CUTLASS_LAMBDA_FUNC_INLINE {
           if constexpr (kMods == Modifiers::kAlibi) {
-            BlockRange const crossing = alibi_crossing_blocks(m_block, kBlockM, kBlockN, mask.diagonal_offset());
             int const crossing_end = max(crossing.end, begin), crossing_begin = max(crossing.begin, begin);
             for (; n_block >= crossing_end; --n_block) { step(n_block, n_block - 1, False{}, False{}); }
             for (; n_block >= crossing_begin; --n_block) { step(n_block, n_block - 1, False{}, True{}); }
