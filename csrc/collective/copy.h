@@ -32,10 +32,11 @@ CUTE_DEVICE void copy_tile(TiledCopy const& tiled_copy, TensorS const& src, Tens
   }
 }
 
-// copy_tile for a tile whose rows live at unrelated addresses (a paged KV cache): row r of the tile starts
-// at row_ptr(r), or is outside the source when that is nullptr (zero-filled, as copy_tile<true> does).
-// src_like is the same thread's partition of any strided tile with this tile's column layout: only its
-// per-access (CPY) layout is used, never its addresses.
+// copy_tile for a tile whose rows live at unrelated addresses (a paged KV cache): the thread's m-th row
+// (of its CPY_ROWS) starts at row_ptr(m), or is outside the source when that is nullptr (zero-filled, as
+// copy_tile<true> does). Indexing by the thread's row slot lets a caller look the addresses up ahead of
+// time, one register per slot. src_like is the same thread's partition of any strided tile with this
+// tile's column layout: only its per-access (CPY) layout is used, never its addresses.
 template <class TiledCopy, class TensorS, class TensorD, class TensorC, class RowPtr>
 CUTE_DEVICE void copy_rows(TiledCopy const& tiled_copy, TensorS const& src_like, TensorD&& dst, TensorC const& identity,
                            RowPtr const& row_ptr, int max_cols) {
@@ -44,7 +45,7 @@ CUTE_DEVICE void copy_rows(TiledCopy const& tiled_copy, TensorS const& src_like,
   CUTE_STATIC_ASSERT_V(size<2>(src_like) == size<2>(dst));
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src_like); ++m) {
-    auto const* const row = row_ptr(get<0>(identity(0, m, 0)));
+    auto const* const row = row_ptr(m);
     CUTE_UNROLL
     for (int k = 0; k < size<2>(src_like); ++k) {
       int const col = get<1>(identity(0, m, k));

@@ -25,12 +25,17 @@ struct FwdTraitsSm80 {
                 "fp16 and bf16 only");
 
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr FwdTile kTile = kKVCache ? kvcache_tile(kHeadDim) : fwd_tile(kHeadDim, kMask, kMods);
-  static_assert(kTile.block_m > 0, "no row in fwd_tile() for this head dim");
+  static constexpr KVCacheTile kCacheTile = kvcache_tile(kHeadDim);
+  static constexpr FwdTile kTile = kKVCache ? FwdTile{kCacheTile.block_m, kCacheTile.block_n, kCacheTile.num_warps}
+                                            : fwd_tile(kHeadDim, kMask, kMods);
+  static_assert(kTile.block_m > 0, "no row in fwd_tile() / kvcache_tile() for this head dim");
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kNWarps = kTile.num_warps;
   static constexpr int kNThreads = kNWarps * 32;
+  // K/V buffers: the forward alternates one K and one V buffer; the KV-cache kernels cycle `stages`.
+  static constexpr int kStages = kKVCache ? kCacheTile.stages : 1;
+  static_assert(kStages >= 1, "at least one K/V buffer");
 
   // Warps tile M; each warp owns 16-row slabs. The N extent 16 (two 8-wide atoms) lets one ldmatrix.x4
   // feed the B operand.
@@ -58,10 +63,16 @@ struct FwdTraitsSm80 {
   static_assert(kBlockM % GmemCopy::kRowsPerPass == 0, "the Q copy must tile block_m");
   static_assert(kBlockN % GmemCopy::kRowsPerPass == 0, "the K/V copy must tile block_n");
 
+  // Stage s of K (V) starts kStageElems elements after stage s - 1. The offset is a whole number of
+  // swizzle periods (the swizzle permutes within 8 rows of an atom), so a stage's tile is the first
+  // stage's layout on a shifted pointer.
+  static constexpr int kStageElems = cosize_v<SmemLayoutKV>;
+  static_assert(kStageElems % (8 * Sm80Swizzle<kHeadDim>::kAtomCols) == 0, "stages must start on a swizzle period");
+
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;   // also holds O in the epilogue
-    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
-    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    cute::array_aligned<Element, kStageElems * kStages> k;
+    cute::array_aligned<Element, kStageElems * kStages> v;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 };

@@ -52,19 +52,30 @@ constexpr FwdTile fwd_tile(int head_dim, MaskMode mask, Modifiers mods = Modifie
 }
 
 // The KV-cache kernels (decode: a few query rows against a long cache, bound by the bytes of K and V).
-// 64 query rows (GQA decode packs a group's heads into them) waste less tensor-core work on padding rows
-// than 128 (at 64 rows the MMAs take about half the time the K/V bytes take at full bandwidth), and a
-// 128-key step moves 32 KB of K (hdim 128) per copy, with two CTAs per SM in flight. Wide head dims take
-// 64 keys so that K, V and Q fit in 96 KB.
-constexpr FwdTile kvcache_tile(int head_dim) {
+// 64 query rows (GQA decode packs a group's heads into them; warps whose 16 rows are all padding skip
+// the math), and `stages` K/V buffers: stages - 1 key blocks stream in while one is computed on, so
+// each SM keeps (stages - 1) * ctas_per_sm * 2 * block_n * d * 2 bytes of loads in flight. The FA2
+// forward's alternation (one K or V tile in flight per CTA) read at 74-78% of copy bandwidth on an
+// H200 (PERF_LOG d2). Shared memory is 64 x d (Q) + stages * 2 * block_n * d, 2 bytes each; the rows
+// fit an A100's 163 KB (an H100 takes two CTAs of <= 113 KB per SM).
+struct KVCacheTile {
+  int block_m;
+  int block_n;
+  int num_warps;
+  int stages;
+};
+constexpr KVCacheTile kvcache_tile(int head_dim) {
   switch (head_dim) {
+    // 52 KB / 104 KB: two or more CTAs per SM with 64 KB of loads in flight each.
     case 32:
-    case 64:
+    case 64: return {64, 128, 4, 3};
+    // 84 KB / 112 KB: two CTAs per SM on an H100, 32 KB (hdim 128) per key block, two blocks in flight.
     case 96:
-    case 128: return {64, 128, 4};
+    case 128: return {64, 64, 4, 3};
+    // 120 KB / 160 KB: one CTA per SM, one block in flight while one is computed on.
     case 192:
-    case 256: return {64, 64, 4};
-    default: return {0, 0, 0};
+    case 256: return {64, 64, 4, 2};
+    default: return {0, 0, 0, 0};
   }
 }
 

@@ -1,8 +1,10 @@
 // FlashAttention-2 forward on mma.sync (sm80, and sm90 through the same code).
 // One CTA per (query block, head, batch), and per split of the key blocks for the KV-cache kernels. The
 // CTA keeps its Q tile in shared memory, walks the key blocks from the last visible one down to the first,
-// and keeps O, the running max and the running sum in registers. K and V each have one shared buffer; their loads alternate so that one is always in
-// flight under the other's GEMM: K[n-1] streams in during softmax + P V of block n, V[n] during Q K[n]^T.
+// and keeps O, the running max and the running sum in registers. In the forward K and V each have one
+// shared buffer; their loads alternate so that one is always in flight under the other's GEMM: K[n-1]
+// streams in during softmax + P V of block n, V[n] during Q K[n]^T. The KV-cache kernels (bound by the
+// bytes of the cache) instead cycle K and V through a ring of stages, several key blocks in flight.
 #pragma once
 
 #include <type_traits>
@@ -140,32 +142,18 @@ struct FlashFwdKernelSm80 {
     auto tVgV = [&](int n) { return gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n, Int<kBlockN>{})); };
     Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // (CPY, CPY_M, CPY_K) -> (row, col)
     Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // (CPY, CPY_N, CPY_K) -> (row, col)
-    // Key block n of K or V into shared memory, rows >= max_rows zero-filled. A paged cache finds each
-    // row's page in the block table (rows past the sequence or on an out-of-range page read nothing).
-    auto load_kv = [&](Element const* base, int64_t row_stride, int64_t page_stride, auto const& tXgX, auto& tXsX,
-                       int n, int max_rows) CUTLASS_LAMBDA_FUNC_INLINE {
-      if constexpr (kKVCache) {
-        if (params.block_table != nullptr) {
-          int const* const pages = params.block_table + batch * params.block_table_batch_stride;
-          auto row_ptr = [&](int r) -> Element const* {
-            int const key = n * kBlockN + r;
-            if (r >= max_rows) { return nullptr; }
-            int const page = pages[key / params.page_size];
-            if (page < 0 || page >= params.num_pages) { return nullptr; }
-            return base + int64_t(page) * page_stride + int64_t(key % params.page_size) * row_stride;
-          };
-          copy_rows(gmem_tiled_copy, tXgX, tXsX, tKVcKV, row_ptr, head_dim);
-          return;
-        }
-      }
+    // Key block n of K or V into shared memory, rows >= max_rows zero-filled (the forward's loop; the
+    // KV-cache loop has its own, with stages and paged rows).
+    auto load_kv = [&](Element const* base, int64_t row_stride, auto& tXsX, int n, int max_rows)
+                       CUTLASS_LAMBDA_FUNC_INLINE {
       copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(base, row_stride, n, Int<kBlockN>{})), tXsX,
                       tKVcKV, max_rows, head_dim);
     };
     auto load_k = [&](int n, int max_rows) CUTLASS_LAMBDA_FUNC_INLINE {
-      load_kv(k_ptr, params.k_row_stride, params.k_batch_stride, tKgK(0), tKsK, n, max_rows);
+      load_kv(k_ptr, params.k_row_stride, tKsK, n, max_rows);
     };
     auto load_v = [&](int n, int max_rows) CUTLASS_LAMBDA_FUNC_INLINE {
-      load_kv(v_ptr, params.v_row_stride, params.v_batch_stride, tVgV(0), tVsV, n, max_rows);
+      load_kv(v_ptr, params.v_row_stride, tVsV, n, max_rows);
     };
 
     // Tensor-core partitions.
@@ -197,7 +185,116 @@ struct FlashFwdKernelSm80 {
     OnlineSoftmax<decltype(size<0>(acc_rowcol(acc_o.layout())))::value> softmax(score_scale * float(M_LOG2E));
     Dropout const dropout(params, batch, head);
 
-    if (n_block_max > n_block_min) {
+    if constexpr (kKVCache) {
+      if (n_block_max > n_block_min) {
+        // kStages K/V buffers in a ring: block i of the walk (from the last key block down, the masked
+        // one first) lives in stage i % kStages, and blocks i + 1 ... i + kStages - 1 stream in while block
+        // i is computed on. One barrier per block: after it every warp is done with block i - 1, whose
+        // stage the next load takes.
+        constexpr int kStages = Traits::kStages;
+        constexpr int kStageElems = Traits::kStageElems;
+        static_assert(kStages >= 2, "the KV-cache loop keeps a block in flight under the math");
+        auto at_stage = [](auto const& t, int stage) CUTLASS_LAMBDA_FUNC_INLINE {
+          return make_tensor(t.data() + stage * kStageElems, t.layout());
+        };
+        // The TiledMma gives warp w query rows [16w, 16w + 16). A warp whose rows are all padding (GQA
+        // decode fills 4-8 of the 64) skips the math, which leaves the tensor cores and the shared memory
+        // reads to the warps with rows; every warp still copies and meets the barriers.
+        static_assert(kBlockM == 16 * Traits::kNWarps, "one 16-row slab per warp");
+        int const warp = __shfl_sync(0xffffffff, tidx / 32, 0);
+        bool const warp_has_rows = warp * 16 < rows_q;
+        // A paged cache: the page of each of this thread's rows of the next block to load is read one
+        // load ahead into registers (kRows of them), so the block table's latency hides under the math
+        // instead of sitting in front of every cp.async.
+        constexpr int kRows = decltype(size<1>(tKVcKV))::value;
+        bool const paged = params.block_table != nullptr;
+        int const* const pages = paged ? params.block_table + batch * params.block_table_batch_stride : nullptr;
+        int page_of[kRows];
+        int row_in_page[kRows];
+        auto fetch_pages = [&](int n) CUTLASS_LAMBDA_FUNC_INLINE {
+          CUTE_UNROLL
+          for (int m = 0; m < kRows; ++m) {
+            int const key = n * kBlockN + get<0>(tKVcKV(0, m, 0));
+            int const slot = key / params.page_size;
+            // key < seqlen_k <= the capacity <= max_pages * page_size (checked by the dispatcher).
+            page_of[m] = key < binfo.seqlen_k ? pages[slot] : -1;
+            row_in_page[m] = key - slot * params.page_size;
+          }
+        };
+        auto load_block = [&](int n, int stage) CUTLASS_LAMBDA_FUNC_INLINE {
+          auto tKsK_s = at_stage(tKsK, stage);
+          auto tVsV_s = at_stage(tVsV, stage);
+          if (paged) {
+            auto rows_of = [&](Element const* base, int64_t row_stride, int64_t page_stride) CUTLASS_LAMBDA_FUNC_INLINE {
+              return [base, row_stride, page_stride, &params, &page_of, &row_in_page](int m) -> Element const* {
+                int const page = page_of[m];
+                if (page < 0 || page >= params.num_pages) { return nullptr; }  // past the sequence, or a bad entry
+                return base + int64_t(page) * page_stride + int64_t(row_in_page[m]) * row_stride;
+              };
+            };
+            copy_rows(gmem_tiled_copy, tKgK(0), tKsK_s, tKVcKV, rows_of(k_ptr, params.k_row_stride, params.k_batch_stride),
+                      head_dim);
+            copy_rows(gmem_tiled_copy, tVgV(0), tVsV_s, tKVcKV, rows_of(v_ptr, params.v_row_stride, params.v_batch_stride),
+                      head_dim);
+          } else {
+            int const max_rows = binfo.seqlen_k - n * kBlockN;
+            copy_tile<true>(gmem_tiled_copy, tKgK(n), tKsK_s, tKVcKV, max_rows, head_dim);
+            copy_tile<true>(gmem_tiled_copy, tVgV(n), tVsV_s, tKVcKV, max_rows, head_dim);
+          }
+        };
+        int const n_count = n_block_max - n_block_min;
+        auto block_at = [&](int i) { return n_block_max - 1 - i; };
+        int const n_block_unmasked_end = max(mask.n_block_unmasked_end(m_block), n_block_min);
+        int n_block_unmasked_begin = n_block_min;
+        if constexpr (Mask::kHasLeft) { n_block_unmasked_begin = max(mask.n_block_unmasked_begin(m_block), n_block_min); }
+
+        // Prologue: Q with the first block, then the next kStages - 2 blocks, one commit group each (empty
+        // groups where the walk is shorter, so the wait counts below hold).
+        copy_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
+        if (paged) { fetch_pages(block_at(0)); }
+        CUTE_UNROLL
+        for (int i = 0; i < kStages - 1; ++i) {
+          if (i < n_count) {
+            load_block(block_at(i), i);
+            if (paged && i + 1 < n_count) { fetch_pages(block_at(i + 1)); }
+          }
+          cp_async_fence();
+        }
+
+        int stage = 0;                  // block i's
+        int ahead_stage = kStages - 1;  // block i + kStages - 1's
+        for (int i = 0; i < n_count; ++i) {
+          cp_async_wait<kStages - 2>();
+          __syncthreads();  // block i has landed; every warp is done with block i - 1 (ahead_stage)
+          int const ahead = i + kStages - 1;
+          if (ahead < n_count) {
+            load_block(block_at(ahead), ahead_stage);
+            if (paged && ahead + 1 < n_count) { fetch_pages(block_at(ahead + 1)); }
+          }
+          cp_async_fence();
+
+          if (warp_has_rows) {
+            int const n_block = block_at(i);
+            Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
+            modifiers.init(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
+                           mask.diagonal_offset());
+            gemm_ss(acc_s, tSrQ, tSrK, tSsQ, at_stage(tSsK, stage), tiled_mma, smem_tiled_copy_q, smem_tiled_copy_k,
+                    tidx);
+            modifiers.apply<false>(acc_s, acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM,
+                                   kBlockN, mask.diagonal_offset());
+            if (n_block >= n_block_unmasked_end || n_block < n_block_unmasked_begin) {
+              mask.apply(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block);
+            }
+            softmax.update(acc_s, acc_o);
+            Tensor rP = convert_fragment<Element>(acc_s);
+            Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
+            gemm_rs(acc_o, tOrP, tOrVt, at_stage(tOsVt, stage), tiled_mma, smem_tiled_copy_v, tidx);
+          }
+          stage = stage + 1 == kStages ? 0 : stage + 1;
+          ahead_stage = ahead_stage + 1 == kStages ? 0 : ahead_stage + 1;
+        }
+      }
+    } else if (n_block_max > n_block_min) {
       // The key blocks run from the last down, the masked ones at the ends. ALiBi without a mask instead
       // runs outward from the diagonal: [turn, max) up, then [min, turn) down. Its bias falls with the
       // distance from the diagonal, so a query block far below it would see its running max rise at

@@ -366,16 +366,18 @@ int kvcache_num_splits(KVCacheParams const& p) {
   int num_sms = 0;
   if (!device_attribute(cudaDevAttrMultiProcessorCount, num_sms).ok() || num_sms <= 0) { return 1; }
   KVCacheKernelInfo const info = kernel->info();
-  // Split only when batch x heads x query blocks leaves SM slots (two CTAs per SM, what the tile is sized
-  // for) idle, and then take the fewest splits whose grid fills its last wave best (within 5% of the best
-  // fill): a grid of 1.2 waves runs as long as one of 2. Each split keeps at least kMinBlocksPerSplit key
-  // blocks so its prologue and the combine stay small next to its loop; kMaxSplits bounds the workspace.
-  constexpr int kCtasPerSm = 2, kMinBlocksPerSplit = 2, kMaxSplits = 128;
+  // Split only when batch x heads x query blocks leaves SM slots (the CTAs per SM the tile's shared memory
+  // allows) idle, and then take the fewest splits whose grid fills its last wave best (within 5% of the
+  // best fill): a grid of 1.2 waves runs as long as one of 2. Each split keeps at least kMinKeysPerSplit
+  // keys so that its prologue (the first blocks of the ring) and the combine stay small next to its loop;
+  // kMaxSplits bounds the workspace.
+  constexpr int kMinKeysPerSplit = 256, kMaxSplits = 128;
   int64_t const ctas = int64_t(p.batch) * p.num_heads * ((p.seqlen_q + info.block_m - 1) / info.block_m);
   int const n_blocks = (p.seqlen_k + info.block_n - 1) / info.block_n;
-  int64_t const slots = int64_t(num_sms) * kCtasPerSm;
+  int const min_blocks = std::max(kMinKeysPerSplit / info.block_n, 1);
+  int64_t const slots = int64_t(num_sms) * std::max(info.ctas_per_sm, 1);
   if (ctas <= 0 || ctas >= slots * 8 / 10) { return 1; }
-  int const limit = int(std::min<int64_t>({kMaxSplits, std::max(n_blocks / kMinBlocksPerSplit, 1), 4 * slots / ctas + 1}));
+  int const limit = int(std::min<int64_t>({kMaxSplits, std::max(n_blocks / min_blocks, 1), 4 * slots / ctas + 1}));
   auto fill = [&](int s) {  // busy share of the slots over the grid's waves
     int64_t const total = ctas * s;
     return double(total) / double((total + slots - 1) / slots * slots);

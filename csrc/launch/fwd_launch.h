@@ -30,6 +30,7 @@ struct KVCacheKernelInfo {
   int smem_bytes;
   int block_m;
   int block_n;
+  int ctas_per_sm;  // on the current device (occupancy of the tile's shared memory and threads)
 };
 template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_kvcache(KVCacheParams const& params, cudaStream_t stream);

@@ -41,4 +41,25 @@ cudaError_t launch_flat(Params const& params, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// How many CTAs of Kernel one SM of the current device holds (at least 1): the KV-cache split heuristic
+// sizes its grid by it. Computed once per process (the first caller's device; on a host with mixed GPU
+// models the others get a split count that may fill their waves less well, never a wrong result).
+template <class Kernel, class Params>
+int ctas_per_sm() {
+  static int const cached = [] {
+    auto kernel = &device_kernel<Kernel, Params>;
+    if (Kernel::kSmemBytes > 48 * 1024 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes) != cudaSuccess) {
+      return 1;
+    }
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Kernel::kNThreads, Kernel::kSmemBytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 1;
+    }
+    return n > 0 ? n : 1;
+  }();
+  return cached;
+}
+
 }  // namespace flash_attn2

@@ -33,7 +33,8 @@ cudaError_t run_kvcache(KVCacheParams const& params, cudaStream_t stream) {
 template <DType kDType, int kHeadDim, MaskMode kMask>
 KVCacheKernelInfo kvcache_kernel_info() {
   using Traits = KVCacheTraits<kDType, kHeadDim, kMask>;
-  return {Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN};
+  using Kernel = FlashFwdKernelSm80<Traits, kMask, Modifiers::kAll, true>;
+  return {Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, ctas_per_sm<Kernel, KVCacheParams>()};
 }
 
 }  // namespace flash_attn2
