@@ -470,7 +470,8 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd_kvcache(
     p.num_pages = a.num_pages;
   }
   TORCH_CHECK(num_splits >= 0, str_cat("flash_attn2: num_splits must be >= 0 (0 chooses), got ", num_splits));
-  p.num_splits = int(std::min<int64_t>(num_splits, 256));  // documented: more is taken as 256 (workspace bound)
+  // Documented: more is taken as kMaxKVCacheSplits (the combine's bound).
+  p.num_splits = int(std::min<int64_t>(num_splits, kMaxKVCacheSplits));
   p.num_splits = kvcache_num_splits(p);
   at::Tensor out_accum, lse_accum;
   if (p.num_splits > 1) {

@@ -7,42 +7,76 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include <cute/config.hpp>
 
+#include "flash_attn2/flash_attn2.h"
 #include "flash_attn2/params.h"
 
 namespace flash_attn2 {
 
-// One CTA per (batch, head, query row), its threads across the head dim.
-template <class Element>
-__global__ void kvcache_combine_kernel(CUTE_GRID_CONSTANT KVCacheParams const p) {
+// Block-wide max / sum of one float per thread (kThreads a multiple of 32); every thread gets the result.
+template <int kThreads, class Op>
+__device__ float block_allreduce(float x, float* scratch, Op const& op) {
+  CUTE_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) { x = op(x, __shfl_xor_sync(0xffffffff, x, offset)); }
+  if (threadIdx.x % 32 == 0) { scratch[threadIdx.x / 32] = x; }
+  __syncthreads();
+  x = scratch[0];
+  CUTE_UNROLL
+  for (int w = 1; w < kThreads / 32; ++w) { x = op(x, scratch[w]); }
+  __syncthreads();  // scratch is free again
+  return x;
+}
+
+// One CTA per (batch, head, query row), its threads across the splits for the lse and across the head
+// dim for O. A decode step's rows are few (batch x heads), so the combine is latency-bound: the splits'
+// lse are read in parallel (one load per thread, kept in shared memory as the splits' weights) and each
+// thread's loop over the splits' partial outputs has independent loads, not a chain of dependent ones.
+// num_splits <= kMaxKVCacheSplits (the dispatcher refuses more).
+template <class Element, int kThreads>
+__global__ void __launch_bounds__(kThreads) kvcache_combine_kernel(CUTE_GRID_CONSTANT KVCacheParams const p) {
+  static_assert(kThreads % 32 == 0, "whole warps");
+  __shared__ float weight[kMaxKVCacheSplits];  // lse of each split, then its weight exp(L_s - L)
+  __shared__ float scratch[kThreads / 32];
   int64_t const row = blockIdx.x;  // ((batch * num_heads) + head) * seqlen_q + i
   int const i = int(row % p.seqlen_q);
   int const head = int(row / p.seqlen_q % p.num_heads);
   int const batch = int(row / p.seqlen_q / p.num_heads);
   int64_t const split_stride = int64_t(p.batch) * p.num_heads * p.seqlen_q;
+  int const splits = p.num_splits;
 
-  float lse_max = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) {
+  float local_max = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += kThreads) {
     float const l = p.lse_accum[s * split_stride + row];
-    if (l != INFINITY) { lse_max = fmaxf(lse_max, l); }
+    weight[s] = l;
+    if (l != INFINITY) { local_max = fmaxf(local_max, l); }
   }
-  float sum = 0.f;
-  for (int s = 0; s < p.num_splits; ++s) {
-    float const l = p.lse_accum[s * split_stride + row];
-    if (l != INFINITY) { sum += expf(l - lse_max); }
+  float const lse_max = block_allreduce<kThreads>(local_max, scratch, [](float a, float b) { return fmaxf(a, b); });
+  float local_sum = 0.f;
+  for (int s = threadIdx.x; s < splits; s += kThreads) {
+    if (weight[s] != INFINITY) { local_sum += expf(weight[s] - lse_max); }
   }
+  float const sum = block_allreduce<kThreads>(local_sum, scratch, [](float a, float b) { return a + b; });
   bool const empty = sum == 0.f;
   float const lse = empty ? INFINITY : lse_max + logf(sum);
+  for (int s = threadIdx.x; s < splits; s += kThreads) {
+    weight[s] = weight[s] == INFINITY || empty ? 0.f : expf(weight[s] - lse);
+  }
+  __syncthreads();
 
   Element* const out = static_cast<Element*>(p.out) + batch * p.out_batch_stride + i * p.out_row_stride +
                        head * p.out_head_stride;
-  for (int col = threadIdx.x; col < p.head_dim; col += blockDim.x) {
+  float const* const partial = p.out_accum + row * p.head_dim;
+  int64_t const partial_stride = split_stride * p.head_dim;
+  for (int col = threadIdx.x; col < p.head_dim; col += kThreads) {
     float acc = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      float const l = p.lse_accum[s * split_stride + row];
-      if (l != INFINITY) { acc += expf(l - lse) * p.out_accum[(s * split_stride + row) * p.head_dim + col]; }
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      float const w = weight[s];
+      float const o = partial[s * partial_stride + col];
+      acc += w != 0.f ? w * o : 0.f;  // a split without keys weighs nothing, whatever its slot holds
     }
     out[col] = Element(acc);
   }

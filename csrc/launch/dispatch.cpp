@@ -402,6 +402,9 @@ Status fwd_kvcache(KVCacheParams const& p, cudaStream_t stream) {
   KVCacheKernel const* kernel = nullptr;
   if (Status const planned = plan_kvcache(p, kernel); !planned.ok()) { return planned; }
   if (p.num_splits < 1) { return {"flash_attn2: fwd_kvcache needs num_splits >= 1 (see kvcache_num_splits)"}; }
+  if (p.num_splits > kMaxKVCacheSplits) {
+    return {str_cat("flash_attn2: fwd_kvcache takes at most ", kMaxKVCacheSplits, " splits, got ", p.num_splits)};
+  }
   if (p.num_splits > 1 && (p.out_accum == nullptr || p.lse_accum == nullptr)) {
     return {"flash_attn2: num_splits > 1 needs out_accum and lse_accum"};
   }

@@ -26,7 +26,7 @@ cudaError_t run_kvcache(KVCacheParams const& params, cudaStream_t stream) {
   if (err != cudaSuccess || params.num_splits <= 1) { return err; }
   int64_t const rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
   if (rows > INT32_MAX) { return cudaErrorInvalidConfiguration; }
-  kvcache_combine_kernel<ElementOf<kDType>><<<dim3(unsigned(rows)), kCombineThreads, 0, stream>>>(params);
+  kvcache_combine_kernel<ElementOf<kDType>, kCombineThreads><<<dim3(unsigned(rows)), kCombineThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

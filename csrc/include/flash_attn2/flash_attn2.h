@@ -25,6 +25,10 @@ namespace flash_attn2 {
 
 inline constexpr char kVersion[] = "0.1.0";
 
+// The most key splits fwd_kvcache takes (num_splits): the combine kernel keeps one weight per split in
+// shared memory.
+inline constexpr int kMaxKVCacheSplits = 256;
+
 // An error status with a message; empty on success.
 struct Status {
   std::string message;
