@@ -257,6 +257,27 @@ def test_num_splits_agree(case):
     torch.testing.assert_close(lse_3, lse_1, rtol=1e-5, atol=1e-4)
 
 
+SMALL_GPU_SMEM = 99 * 1024
+"""Shared memory per block of sm86/sm89/sm120 GPUs, where the KV-cache ring of head dims 64-256 does not fit."""
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in (
+    Case(), Case(page_size=16), Case(num_splits=3, page_size=32), Case(seqlen_q=128, seqlen_new=8, causal=True),
+    Case(window=(64, 0), seqlen_q=4), Case(dtype="fp16", head_dim=64, page_size=16, seqlen_q=4, causal=True))])
+def test_compact_tiles_for_small_gpus(case, monkeypatch):
+    """The two-stage tiles that GPUs with 99 KB of shared memory per block run (FLASH_ATTN2_KVCACHE_SMEM_LIMIT
+    makes this GPU take them) pass the same checks as the ring."""
+    require_kvcache(case)
+    monkeypatch.setenv("FLASH_ATTN2_KVCACHE_SMEM_LIMIT", str(SMALL_GPU_SMEM))
+    inputs = make_inputs(case)
+    k_cache, v_cache, ref, ref_lowp, ref_lse = expected(inputs)
+    out, lse = run(inputs, case.num_splits)
+    assert_cache(inputs.k_cache, k_cache, rotated=bool(case.rotary))
+    assert_cache(inputs.v_cache, v_cache, rotated=False)
+    assert_out_within_rule(out, ref, ref_lowp)
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOLERANCE)
+
+
 def decode_inputs(case):
     """Inputs of a decode step, without poison (the graph and compile tests compare against eager, bitwise)."""
     inputs = make_inputs(case, seqlens=[100, 200, 300])

@@ -18,14 +18,17 @@ using Sm80MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
                                        MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>,
                                        MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
 
-template <class Element_, int kHeadDim_, MaskMode kMask, Modifiers kMods = Modifiers::kPlain, bool kKVCache = false>
+// kCompact (KV-cache only): kvcache_tile's compact row, for GPUs with 99 KB of shared memory per block.
+template <class Element_, int kHeadDim_, MaskMode kMask, Modifiers kMods = Modifiers::kPlain, bool kKVCache = false,
+          bool kCompact = false>
 struct FwdTraitsSm80 {
   using Element = Element_;
   static_assert(std::is_same_v<Element, cutlass::half_t> || std::is_same_v<Element, cutlass::bfloat16_t>,
                 "fp16 and bf16 only");
 
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr KVCacheTile kCacheTile = kvcache_tile(kHeadDim);
+  static_assert(kKVCache || !kCompact, "compact tiles are KV-cache tiles");
+  static constexpr KVCacheTile kCacheTile = kvcache_tile(kHeadDim, kCompact);
   static constexpr FwdTile kTile = kKVCache ? FwdTile{kCacheTile.block_m, kCacheTile.block_n, kCacheTile.num_warps}
                                             : fwd_tile(kHeadDim, kMask, kMods);
   static_assert(kTile.block_m > 0, "no row in fwd_tile() / kvcache_tile() for this head dim");

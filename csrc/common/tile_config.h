@@ -58,26 +58,32 @@ constexpr FwdTile fwd_tile(int head_dim, MaskMode mask, Modifiers mods = Modifie
 // forward's alternation (one K or V tile in flight per CTA) read at 74-78% of copy bandwidth on an
 // H200 (PERF_LOG d2). Shared memory is 64 x d (Q) + stages * 2 * block_n * d, 2 bytes each; the rows
 // fit an A100's 163 KB (an H100 takes two CTAs of <= 113 KB per SM).
+// compact: the tiles for GPUs with 99 KB of shared memory per block (sm86, sm89, sm120), two stages:
+// instantiated beside the ring wherever the ring needs more (see run_kvcache), not measured for speed.
 struct KVCacheTile {
   int block_m;
   int block_n;
   int num_warps;
   int stages;
 };
-constexpr KVCacheTile kvcache_tile(int head_dim) {
+constexpr KVCacheTile kvcache_tile(int head_dim, bool compact = false) {
   switch (head_dim) {
-    // 52 KB / 104 KB: two or more CTAs per SM with 64 KB of loads in flight each.
+    // 52 KB / 104 KB: two or more CTAs per SM with 64 KB of loads in flight each. compact: 36 / 72 KB.
     case 32:
-    case 64: return {64, 128, 4, 3};
+    case 64: return compact ? KVCacheTile{64, 128, 4, 2} : KVCacheTile{64, 128, 4, 3};
     // 84 KB / 112 KB: two CTAs per SM on an H100, 32 KB (hdim 128) per key block, two blocks in flight.
+    // compact: 60 / 80 KB.
     case 96:
-    case 128: return {64, 64, 4, 3};
-    // 120 KB / 160 KB: one CTA per SM, one block in flight while one is computed on.
+    case 128: return compact ? KVCacheTile{64, 64, 4, 2} : KVCacheTile{64, 64, 4, 3};
+    // 120 KB / 160 KB: one CTA per SM, one block in flight while one is computed on. compact: 72 / 96 KB.
     case 192:
-    case 256: return {64, 64, 4, 2};
+    case 256: return compact ? KVCacheTile{64, 32, 4, 2} : KVCacheTile{64, 64, 4, 2};
     default: return {0, 0, 0, 0};
   }
 }
+
+// The opt-in shared memory per block of the smallest GPUs the sm80 kernels run on (sm86, sm89, sm120).
+constexpr int kSmallGpuSmemBytes = 99 * 1024;
 
 struct BwdTile {
   int block_m;     // query rows per main-loop step
