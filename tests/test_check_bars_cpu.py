@@ -48,3 +48,26 @@ def test_passes_when_every_config_meets_its_bar(check_bars, tmp_path):
     write_csv(path, [("ours", 64, True, 16384, 300.0), ("sdpa_flash", 64, True, 16384, 290.0)])
     assert check_bars.main([str(path)]) == 0
     assert check_bars.main([str(path), "--pass", "bwd"]) == 1  # nothing of that pass: nothing checked
+
+
+def test_decode_bars(check_bars, tmp_path, capsys):
+    path = tmp_path / "decode.csv"
+    fields = ["backend", "batch", "seqlen_cache", "ms", "tb_per_s", "fraction_of_copy", "ratio_vs_sdpa", "note"]
+    rows = [
+        ("ours_dense", 64, 4096, 0.95, 1.01),  # both bars met
+        ("ours_paged", 64, 4096, 0.79, 0.90),  # below 80% of copy; paged rows have no SDPA bar
+        ("ours_dense_graph", 1, 4096, 0.85, 0.75),  # slower than SDPA
+        ("sdpa_cudnn", 1, 4096, 0.99, 1.0),  # not ours: not checked
+    ]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for backend, batch, seqlen, fraction, ratio in rows:
+            writer.writerow(dict(backend=backend, batch=batch, seqlen_cache=seqlen, ms=1.0, tb_per_s=1.0,
+                                 fraction_of_copy=fraction, ratio_vs_sdpa=ratio, note=""))
+    assert check_bars.main([str(path), "--pass", "decode"]) == 1
+    out = capsys.readouterr().out
+    assert "ours_paged batch 64 cache 4096: 79.0% of copy" in out
+    assert "ours_dense_graph batch 1 cache 4096: 0.750 x SDPA" in out
+    assert "ours_dense batch 64" not in out and "sdpa_cudnn" not in out
+    assert "3 configs checked, 2 bars missed" in out
