@@ -109,6 +109,9 @@ def _sweeps():
         for changes in (dict(), dict(page_size=16, seqlen_q=4, causal=True), dict(rotary="nfull", seqlen_new=2),
                         dict(leftpad=True, window=(64, 0)), dict(num_splits=3, page_size=32), dict(softcap=10.0)):
             cases.append(dataclasses.replace(base, dtype=dtype, head_dim=64, **changes))
+    for head_dim in (32, 96, 192, 256):  # the other tile rows (192 and 256: a two-stage ring)
+        for changes in (dict(), dict(page_size=16, seqlen_q=4, causal=True), dict(num_splits=3, seqlen_q=128)):
+            cases.append(dataclasses.replace(base, head_dim=head_dim, **changes))
     return [pytest.param(case, id=case.id) for case in cases]
 
 
