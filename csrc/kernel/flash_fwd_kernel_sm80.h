@@ -186,6 +186,33 @@ struct FlashFwdKernelSm80 {
     OnlineSoftmax<decltype(size<0>(acc_rowcol(acc_o.layout())))::value> softmax(score_scale * float(M_LOG2E));
     Dropout const dropout(params, batch, head);
 
+    // The math of one key block, shared by the forward's loop and the KV-cache loop, which interleave it
+    // with their loads differently. scores: S = Q K^T (acc_s already initialised, K read through
+    // tSsK_view), the modifiers, then the mask where needs_mask (a compile-time tag or a bool).
+    auto scores = [&](auto& acc_s, int n_block, auto const& tSsK_view, auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
+      gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK_view, tiled_mma, smem_tiled_copy_q, smem_tiled_copy_k, tidx);
+      if constexpr (kModifiers) {  // before the mask: it must leave -inf, not tanh(-inf)
+        modifiers.apply<false>(acc_s, acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM,
+                               kBlockN, mask.diagonal_offset());
+      }
+      if (needs_mask) { mask.apply(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block); }
+    };
+    // attend: the online softmax of the scores (and dropout), then O += P V with P from registers and V
+    // read through tOsVt_view.
+    auto attend = [&](auto& acc_s, int n_block, auto const& tOsVt_view) CUTLASS_LAMBDA_FUNC_INLINE {
+      softmax.update(acc_s, acc_o);
+      // Dropout after the row sums: the normaliser counts every probability, kept or not.
+      if constexpr (kDropout) {
+        if (dropout.on) {
+          keep_branch();  // else ptxas predicates Philox into every step of a call without dropout
+          dropout.apply<false>(acc_s, tScS0, m_block * kBlockM + score_row_base, n_block * kBlockN + score_col_base);
+        }
+      }
+      Tensor rP = convert_fragment<Element>(acc_s);
+      Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
+      gemm_rs(acc_o, tOrP, tOrVt, tOsVt_view, tiled_mma, smem_tiled_copy_v, tidx);
+    };
+
     if constexpr (kKVCache) {
       if (n_block_max > n_block_min) {
         // kStages K/V buffers in a ring: block i of the walk (from the last key block down, the masked
@@ -245,6 +272,11 @@ struct FlashFwdKernelSm80 {
         };
         int const n_count = n_block_max - n_block_min;
         auto block_at = [&](int i) { return n_block_max - 1 - i; };
+        // Loads block i of the walk into `stage`, then reads the pages of block i + 1 (the next to load).
+        auto issue = [&](int i, int stage) CUTLASS_LAMBDA_FUNC_INLINE {
+          load_block(block_at(i), stage);
+          if (paged && i + 1 < n_count) { fetch_pages(block_at(i + 1)); }
+        };
         int const n_block_unmasked_end = max(mask.n_block_unmasked_end(m_block), n_block_min);
         int n_block_unmasked_begin = n_block_min;
         if constexpr (Mask::kHasLeft) { n_block_unmasked_begin = max(mask.n_block_unmasked_begin(m_block), n_block_min); }
@@ -255,10 +287,7 @@ struct FlashFwdKernelSm80 {
         if (paged) { fetch_pages(block_at(0)); }
         CUTE_UNROLL
         for (int i = 0; i < kStages - 1; ++i) {
-          if (i < n_count) {
-            load_block(block_at(i), i);
-            if (paged && i + 1 < n_count) { fetch_pages(block_at(i + 1)); }
-          }
+          if (i < n_count) { issue(i, i); }
           cp_async_fence();
         }
 
@@ -268,10 +297,7 @@ struct FlashFwdKernelSm80 {
           cp_async_wait<kStages - 2>();
           __syncthreads();  // block i has landed; every warp is done with block i - 1 (ahead_stage)
           int const ahead = i + kStages - 1;
-          if (ahead < n_count) {
-            load_block(block_at(ahead), ahead_stage);
-            if (paged && ahead + 1 < n_count) { fetch_pages(block_at(ahead + 1)); }
-          }
+          if (ahead < n_count) { issue(ahead, ahead_stage); }
           cp_async_fence();
 
           if (warp_has_rows) {
@@ -279,17 +305,9 @@ struct FlashFwdKernelSm80 {
             Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
             modifiers.init(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
                            mask.diagonal_offset());
-            gemm_ss(acc_s, tSrQ, tSrK, tSsQ, at_stage(tSsK, stage), tiled_mma, smem_tiled_copy_q, smem_tiled_copy_k,
-                    tidx);
-            modifiers.apply<false>(acc_s, acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM,
-                                   kBlockN, mask.diagonal_offset());
-            if (n_block >= n_block_unmasked_end || n_block < n_block_unmasked_begin) {
-              mask.apply(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block);
-            }
-            softmax.update(acc_s, acc_o);
-            Tensor rP = convert_fragment<Element>(acc_s);
-            Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
-            gemm_rs(acc_o, tOrP, tOrVt, at_stage(tOsVt, stage), tiled_mma, smem_tiled_copy_v, tidx);
+            scores(acc_s, n_block, at_stage(tSsK, stage),
+                   n_block >= n_block_unmasked_end || n_block < n_block_unmasked_begin);
+            attend(acc_s, n_block, at_stage(tOsVt, stage));
           }
           stage = stage + 1 == kStages ? 0 : stage + 1;
           ahead_stage = ahead_stage + 1 == kStages ? 0 : ahead_stage + 1;
@@ -329,12 +347,7 @@ struct FlashFwdKernelSm80 {
         load_v(n_block, binfo.seqlen_k - n_block * kBlockN);
         cp_async_fence();
 
-        gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_tiled_copy_q, smem_tiled_copy_k, tidx);
-        if constexpr (kModifiers) {  // before the mask: it must leave -inf, not tanh(-inf)
-          modifiers.apply<false>(acc_s, acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM,
-                                 kBlockN, mask.diagonal_offset());
-        }
-        if constexpr (decltype(needs_mask)::value) { mask.apply(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block); }
+        scores(acc_s, n_block, tSsK, needs_mask);
 
         cp_async_wait<0>();
         __syncthreads();  // V[n] has landed, and every warp is done reading K[n]
@@ -343,17 +356,7 @@ struct FlashFwdKernelSm80 {
           cp_async_fence();
         }
 
-        softmax.update(acc_s, acc_o);
-        // Dropout after the row sums: the normaliser counts every probability, kept or not.
-        if constexpr (kDropout) {
-          if (dropout.on) {
-            keep_branch();  // else ptxas predicates Philox into every step of a call without dropout
-            dropout.apply<false>(acc_s, tScS0, m_block * kBlockM + score_row_base, n_block * kBlockN + score_col_base);
-          }
-        }
-        Tensor rP = convert_fragment<Element>(acc_s);
-        Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
-        gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_tiled_copy_v, tidx);
+        attend(acc_s, n_block, tOsVt);
       };
 
       if constexpr (kOutward) {

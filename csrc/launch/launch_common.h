@@ -24,20 +24,24 @@ __global__ void __launch_bounds__(Kernel::kNThreads, 1) device_kernel(CUTE_GRID_
   Kernel{}(params, smem_buf);
 }
 
-// Launches Kernel on its flat grid of Kernel::num_blocks(params) CTAs, opting in to more than the default
-// 48 KB of dynamic shared memory where its tile needs it.
+// Opts Kernel in to more than the default 48 KB of dynamic shared memory where its tile needs it.
 template <class Kernel, class Params>
-cudaError_t launch_flat(Params const& params, cudaStream_t stream) {
-  auto kernel = &device_kernel<Kernel, Params>;
+cudaError_t opt_in_smem() {
   constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
   if constexpr (Kernel::kSmemBytes > kDefaultSmemLimit) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
-    if (err != cudaSuccess) { return err; }
+    return cudaFuncSetAttribute(&device_kernel<Kernel, Params>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                Kernel::kSmemBytes);
   }
+  return cudaSuccess;
+}
+
+// Launches Kernel on its flat grid of Kernel::num_blocks(params) CTAs.
+template <class Kernel, class Params>
+cudaError_t launch_flat(Params const& params, cudaStream_t stream) {
+  if (cudaError_t const err = opt_in_smem<Kernel, Params>(); err != cudaSuccess) { return err; }
   int64_t const blocks = Kernel::num_blocks(params);
   if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
-  kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
+  device_kernel<Kernel, Params><<<dim3(unsigned(blocks)), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
   return cudaGetLastError();
 }
 
@@ -47,13 +51,10 @@ cudaError_t launch_flat(Params const& params, cudaStream_t stream) {
 template <class Kernel, class Params>
 int ctas_per_sm() {
   static int const cached = [] {
-    auto kernel = &device_kernel<Kernel, Params>;
-    if (Kernel::kSmemBytes > 48 * 1024 &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes) != cudaSuccess) {
-      return 1;
-    }
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Kernel::kNThreads, Kernel::kSmemBytes) != cudaSuccess) {
+    if (opt_in_smem<Kernel, Params>() != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, &device_kernel<Kernel, Params>, Kernel::kNThreads,
+                                                      Kernel::kSmemBytes) != cudaSuccess) {
       (void)cudaGetLastError();
       return 1;
     }

@@ -19,8 +19,6 @@ namespace flash_attn2 {
 // the bytes of the cache, not by the score arithmetic), never dropout.
 template <DType kDType, int kHeadDim, MaskMode kMask, bool kCompact = false>
 using KVCacheTraits = FwdTraitsSm80<ElementOf<kDType>, kHeadDim, kMask, Modifiers::kAll, /*kKVCache=*/true, kCompact>;
-template <DType kDType, int kHeadDim, MaskMode kMask, bool kCompact = false>
-using KVCacheKernel = FlashFwdKernelSm80<KVCacheTraits<kDType, kHeadDim, kMask, kCompact>, kMask, Modifiers::kAll, true>;
 
 constexpr int kCombineThreads = 128;
 
@@ -39,52 +37,43 @@ inline bool kvcache_smem_fits(int smem_bytes) {
   return smem_bytes <= optin;
 }
 
-// Whether this (dtype, head dim, mask) runs its compact tiles on the current device: only where the ring
-// needs more than the smallest GPUs have (otherwise no compact kernel is instantiated) and more than
-// this one has.
-template <DType kDType, int kHeadDim, MaskMode kMask>
-bool kvcache_takes_compact() {
-  if constexpr (KVCacheTraits<kDType, kHeadDim, kMask>::kSmemBytes > kSmallGpuSmemBytes) {
-    return !kvcache_smem_fits(KVCacheTraits<kDType, kHeadDim, kMask>::kSmemBytes);
-  } else {
-    return false;
+// Calls fn with the traits of the tiles this (dtype, head dim, mask) runs on the current device: the
+// compact ones where the ring needs more than the smallest GPUs have (only then is a compact kernel
+// instantiated) and more than this one has, else the ring. Traits are empty structs: fn takes a value.
+template <DType kDType, int kHeadDim, MaskMode kMask, class Fn>
+auto with_kvcache_tiles(Fn&& fn) {
+  using Ring = KVCacheTraits<kDType, kHeadDim, kMask>;
+  if constexpr (Ring::kSmemBytes > kSmallGpuSmemBytes) {
+    if (!kvcache_smem_fits(Ring::kSmemBytes)) { return fn(KVCacheTraits<kDType, kHeadDim, kMask, true>{}); }
   }
+  return fn(Ring{});
 }
 
-template <class Kernel, class Element>
-cudaError_t launch_kvcache(KVCacheParams const& params, cudaStream_t stream) {
-  cudaError_t const err = launch_flat<Kernel>(params, stream);
-  if (err != cudaSuccess || params.num_splits <= 1) { return err; }
-  int64_t const rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
-  if (rows > INT32_MAX) { return cudaErrorInvalidConfiguration; }
-  kvcache_combine_kernel<Element, kCombineThreads><<<dim3(unsigned(rows)), kCombineThreads, 0, stream>>>(params);
-  return cudaGetLastError();
-}
+template <MaskMode kMask, class Traits>
+using KVCacheKernelOf = FlashFwdKernelSm80<Traits, kMask, Modifiers::kAll, /*kKVCache=*/true>;
 
 template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_kvcache(KVCacheParams const& params, cudaStream_t stream) {
-  if constexpr (KVCacheTraits<kDType, kHeadDim, kMask>::kSmemBytes > kSmallGpuSmemBytes) {
-    if (kvcache_takes_compact<kDType, kHeadDim, kMask>()) {
-      return launch_kvcache<KVCacheKernel<kDType, kHeadDim, kMask, true>, ElementOf<kDType>>(params, stream);
-    }
-  }
-  return launch_kvcache<KVCacheKernel<kDType, kHeadDim, kMask>, ElementOf<kDType>>(params, stream);
-}
-
-template <class Traits, class Kernel>
-KVCacheKernelInfo kvcache_info_of() {
-  return {Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, ctas_per_sm<Kernel, KVCacheParams>()};
+  return with_kvcache_tiles<kDType, kHeadDim, kMask>([&](auto traits) {
+    using Kernel = KVCacheKernelOf<kMask, decltype(traits)>;
+    cudaError_t const err = launch_flat<Kernel>(params, stream);
+    if (err != cudaSuccess || params.num_splits <= 1) { return err; }
+    int64_t const rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
+    if (rows > INT32_MAX) { return cudaErrorInvalidConfiguration; }
+    kvcache_combine_kernel<ElementOf<kDType>, kCombineThreads><<<dim3(unsigned(rows)), kCombineThreads, 0, stream>>>(
+        params);
+    return cudaGetLastError();
+  });
 }
 
 // The tiles run_kvcache will launch on the current device.
 template <DType kDType, int kHeadDim, MaskMode kMask>
 KVCacheKernelInfo kvcache_kernel_info() {
-  if constexpr (KVCacheTraits<kDType, kHeadDim, kMask>::kSmemBytes > kSmallGpuSmemBytes) {
-    if (kvcache_takes_compact<kDType, kHeadDim, kMask>()) {
-      return kvcache_info_of<KVCacheTraits<kDType, kHeadDim, kMask, true>, KVCacheKernel<kDType, kHeadDim, kMask, true>>();
-    }
-  }
-  return kvcache_info_of<KVCacheTraits<kDType, kHeadDim, kMask>, KVCacheKernel<kDType, kHeadDim, kMask>>();
+  return with_kvcache_tiles<kDType, kHeadDim, kMask>([](auto traits) {
+    using Traits = decltype(traits);
+    return KVCacheKernelInfo{Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN,
+                             ctas_per_sm<KVCacheKernelOf<kMask, Traits>, KVCacheParams>()};
+  });
 }
 
 }  // namespace flash_attn2
