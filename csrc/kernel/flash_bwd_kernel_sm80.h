@@ -12,6 +12,7 @@
 #include <cutlass/detail/helper_macros.hpp>
 
 #include "collective/block_info.h"
+#include "collective/bulk_copy.h"
 #include "collective/copy.h"
 #include "collective/gemm.h"
 #include "collective/mask.h"
@@ -42,20 +43,21 @@ struct FlashBwdKernelSm80 {
 
   CUTE_HOST_DEVICE static int num_n_blocks(int seqlen_k) { return (seqlen_k + kBlockN - 1) / kBlockN; }
 
-  // Adds a thread's dQ fragment to the fp32 accumulator with fire-and-forget atomics (no load latency
-  // in the loop); rows >= max_rows are outside the sequence. Deterministic mode gives each split its own
-  // accumulator slice, so each address has one writing thread, whose same-address atomics apply in
-  // program order: the same sums every run.
-  template <class TensorG, class TensorA, class TensorC>
-  CUTE_DEVICE static void add_dq(TensorG& gdq, TensorA const& acc, TensorC const& coords, int max_rows) {
-    CUTE_STATIC_ASSERT_V(size(gdq) == size(acc));
+  // Adds a thread's dQ fragment to the (kBlockM, kHeadDim) accumulator tile at `tile` (layout:
+  // dq_accum_col in bwd_kernel_params.h; `swizzle` is this thread's column XOR) with fire-and-forget
+  // atomics (no load latency in the loop); rows >= max_rows are outside the sequence. Deterministic mode
+  // gives each split its own accumulator slice, so each address has one writing thread, whose
+  // same-address atomics apply in program order: the same sums every run.
+  template <class TensorA, class TensorC>
+  CUTE_DEVICE static void add_dq(float* tile, TensorA const& acc, TensorC const& coords, int swizzle, int max_rows) {
     // Values 2j and 2j + 1 of an m16n8 accumulator are adjacent columns of one row.
     auto add_pair = [&](int i) {
+      float* const dst = tile + get<0>(coords(i)) * kHeadDim + (get<1>(coords(i)) ^ swizzle);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      atomicAdd(reinterpret_cast<float2*>(&gdq(i)), make_float2(acc(i), acc(i + 1)));
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc(i), acc(i + 1)));
 #else
-      atomicAdd(&gdq(i), acc(i));
-      atomicAdd(&gdq(i + 1), acc(i + 1));
+      atomicAdd(dst, acc(i));
+      atomicAdd(dst + 1, acc(i + 1));
 #endif
     };
     // A full tile takes a branch-free run of atomics (a per-atomic predicate compiles to a branch each).
@@ -68,6 +70,18 @@ struct FlashBwdKernelSm80 {
         if (get<0>(coords(i)) < max_rows) { add_pair(i); }
       }
     }
+  }
+
+  // Writes a thread's dQ fragment into the shared staging tile, in the accumulator's layout, for one
+  // bulk reduction of the whole tile. The column XOR spreads the 8 rows of one store over all banks.
+  template <class TensorA, class TensorC>
+  CUTE_DEVICE static void stage_dq(float* sdq, TensorA const& acc, TensorC const& coords, int swizzle) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      *reinterpret_cast<float2*>(sdq + get<0>(coords(i)) * kHeadDim + (get<1>(coords(i)) ^ swizzle)) =
+          make_float2(acc(i), acc(i + 1));
+    }
+    fence_shared_for_bulk();
   }
 
   CUTE_DEVICE void operator()(BwdKernelParams const& params, char* smem_buf) const {
@@ -187,6 +201,28 @@ struct FlashBwdKernelSm80 {
     Tensor tdQsdS = copy_a_dq.get_thread_slice(tidx).partition_S(sdS);
     Tensor tdQsKt = copy_b_dq.get_thread_slice(tidx).partition_S(sKt);
     Tensor tdQcdQ = thr_mma_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    // This thread's column XOR in the accumulator (its rows are all one value mod 4).
+    int const dq_swizzle = dq_accum_swizzle(binfo.lse_offset + get<0>(tdQcdQ(0)));
+    // Hopper: dQ goes through a shared staging tile that one thread hands to the copy engine as a bulk
+    // reduction (cp.reduce.async.bulk ... add.f32), where every thread would otherwise issue 16 vector
+    // atomics per step into the memory pipe that also carries the next Q and dO. A tile staged at the end of
+    // a step is issued after the next step's first barrier and must be read out before its second one.
+#ifdef FLASH_ATTN2_BULK_COPY
+    bool const bulk_dq = params.bulk_dq;
+#else
+    constexpr bool bulk_dq = false;
+#endif
+    float* const sdq = reinterpret_cast<float*>(smem_buf + Traits::kDqSmemOffset);
+    int dq_staged = -1;  // the query block whose dQ waits in sdq, or -1
+    auto flush_dq = [&] {
+      if (tidx == 0 && dq_staged >= 0) {
+        int const rows = min(kBlockM, binfo.seqlen_q - dq_staged * kBlockM);
+        bulk_reduce_add_f32(dq_accum_ptr + int64_t(dq_staged) * kBlockM * kHeadDim, sdq,
+                            rows * kHeadDim * int(sizeof(float)));
+        bulk_commit();
+      }
+      dq_staged = -1;
+    };
 
     // Register -> shared for P and dS.
     auto copy_pds = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma_sdp);
@@ -233,6 +269,7 @@ struct FlashBwdKernelSm80 {
           }
           cp_async_wait<0>();
           __syncthreads();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
+          if (bulk_dq) { flush_dq(); }
           if (kStages == 2 && m_block > m_block_begin) { load_q_do(m_block - 1, buf ^ 1); }
 
           Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -307,6 +344,7 @@ struct FlashBwdKernelSm80 {
           }
           Tensor rdS = convert_fragment<Element>(acc_dp);
           copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
+          if (bulk_dq && tidx == 0) { bulk_wait_read<0>(); }  // sdq is free for this step's dQ
           __syncthreads();  // P and dS are in shared memory
 
           gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, copy_b_dkv.get_thread_slice(tidx).partition_S(sdOt(buf)),
@@ -317,10 +355,12 @@ struct FlashBwdKernelSm80 {
           Tensor acc_dq = partition_fragment_C(tiled_mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
           clear(acc_dq);
           gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, tiled_mma_dq, copy_a_dq, copy_b_dq, tidx);
-          Tensor gdQaccum = make_tensor(make_gmem_ptr(dq_accum_ptr + int64_t(m_block) * kBlockM * kHeadDim),
-                                        Shape<Int<kBlockM>, Int<kHeadDim>>{}, Stride<Int<kHeadDim>, _1>{});
-          Tensor tdQgdQ = thr_mma_dq.partition_C(gdQaccum);
-          add_dq(tdQgdQ, acc_dq, tdQcdQ, rows_q);
+          if (bulk_dq) {
+            stage_dq(sdq, acc_dq, tdQcdQ, dq_swizzle);
+            dq_staged = m_block;
+          } else {
+            add_dq(dq_accum_ptr + int64_t(m_block) * kBlockM * kHeadDim, acc_dq, tdQcdQ, dq_swizzle, rows_q);
+          }
 
           if (kStages == 1 && m_block > m_block_begin) {
             __syncthreads();  // every warp is done reading Q[m] and dO[m]
@@ -353,7 +393,8 @@ struct FlashBwdKernelSm80 {
       Tensor rdV = convert_fragment<Element>(acc_dv);
       auto copy_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma_dkv);
       auto thr_copy_dkv = copy_dkv.get_thread_slice(tidx);
-      __syncthreads();  // every warp is done reading K and V
+      __syncthreads();  // every warp is done reading K and V (and has staged its last dQ)
+      if (bulk_dq) { flush_dq(); }
       copy(copy_dkv, thr_copy_dkv.retile_S(rdK), thr_copy_dkv.partition_D(sK));
       copy(copy_dkv, thr_copy_dkv.retile_S(rdV), thr_copy_dkv.partition_D(sV));
       __syncthreads();
@@ -373,6 +414,9 @@ struct FlashBwdKernelSm80 {
       copy_tile<false>(gmem_tiled_copy_store, tdVrdV,
                        gmem_thr_copy_store.partition_D(tile(dv_ptr, params.dv_row_stride, n_block, Int<kBlockN>{})),
                        tdKVcdKV, rows_k, head_dim);
+      // Before sdq is rewritten and before the next key block revisits these rows (deterministic
+      // mode's order of additions), and before the CTA exits: the reductions are complete.
+      if (bulk_dq && tidx == 0) { bulk_wait_all(); }
     }
   }
 };

@@ -1,6 +1,7 @@
 // The backward's two memory-bound companions of the main kernel, one query row per group of lanes:
 //   preprocess:  dsum[row] = sum_c dout[row, c] * out[row, c]   (fp32)
 //   postprocess: dq[row, c] = softmax_scale * sum_s dq_accum[s][row, c], converted to the element type
+//                (dq_accum's chunk permutation: dq_accum_swizzle in bwd_kernel_params.h)
 // Rows are numbered in softmax_lse's layout: (batch, head, seqlen_q) dense, (head, total_q) packed.
 #pragma once
 
@@ -74,7 +75,7 @@ __global__ void __launch_bounds__(RowGroups<kHeadDim>::kThreads)
   acc.fill(0.f);
   for (int s = 0; s < p.num_accum_slices; ++s) {  // a fixed order: the same sums every run
     auto const part = *reinterpret_cast<cutlass::Array<float, G::kElemsPerLane> const*>(
-        p.dq_accum + (int64_t(s) * p.lse_rows + row) * kHeadDim + col);
+        p.dq_accum + (int64_t(s) * p.lse_rows + row) * kHeadDim + (col ^ dq_accum_swizzle(row)));
     CUTE_UNROLL
     for (int i = 0; i < G::kElemsPerLane; ++i) { acc[i] += part[i]; }
   }

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include <cuda_runtime.h>
 
@@ -13,6 +15,22 @@
 #include "launch/launch_common.h"
 
 namespace flash_attn2 {
+
+// Whether the current device runs the backward's bulk-reduction dQ path (BwdKernelParams::bulk_dq): sm_90
+// or newer with smem_bytes of shared memory per block, unless FLASH_ATTN2_BWD_DQ=atomic.
+inline bool bulk_dq_available(int smem_bytes) {
+  if (char const* mode = std::getenv("FLASH_ATTN2_BWD_DQ"); mode != nullptr && std::strcmp(mode, "atomic") == 0) {
+    return false;
+  }
+  int device = 0, major = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 9 && smem_bytes <= optin;
+}
 
 template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
@@ -32,13 +50,16 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     if (err != cudaSuccess) { return err; }
   }
 
+  BwdKernelParams kp = params;
+  kp.bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kDqSmemOffset + Traits::kDqSmemBytes);
+  int const smem_bytes = kp.bulk_dq ? Traits::kDqSmemOffset + Traits::kDqSmemBytes : Kernel::kSmemBytes;
   auto kernel = &device_kernel<Kernel, BwdKernelParams>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) { return err; }
   int64_t const blocks = int64_t(params.num_splits) * params.num_heads * params.batch;
   if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
   if (blocks > 0) {
-    kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
+    kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, smem_bytes, stream>>>(kp);
     err = cudaGetLastError();
     if (err != cudaSuccess) { return err; }
   }
