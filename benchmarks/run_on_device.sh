@@ -16,6 +16,7 @@
 #   MEMORY      1 (default) runs benchmark_attention.py --memory (--pass fwd, fwd_bwd) when head dim 128 is built
 #   BENCH_ARGS  benchmark arguments (default: --hdims/--dtypes of the build); BENCH=0 skips it
 #   OUT         folder for logs, CSV and PNG (default: bench_out/ in the checkout)
+#   PACK=1      pack that folder into one results.tgz at the end
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -149,4 +150,8 @@ if [ "${BENCH:-1}" = "1" ]; then
 fi
 
 print_summary
+# PACK=1: the logs, CSVs and plots as one results.tgz (the device tool brings back at most 8 files).
+if [ "${PACK:-0}" = "1" ]; then
+  (cd "$OUT_DIR" && tar czf results.tgz --exclude results.tgz -- * && find . -mindepth 1 ! -name results.tgz -delete)
+fi
 exit "$FAILED"

@@ -44,7 +44,7 @@ struct FlashBwdKernelSm80 {
   CUTE_HOST_DEVICE static int num_n_blocks(int seqlen_k) { return (seqlen_k + kBlockN - 1) / kBlockN; }
 
   // Adds a thread's dQ fragment to the (kBlockM, kHeadDim) accumulator tile at `tile` (layout:
-  // dq_accum_col in bwd_kernel_params.h; `swizzle` is this thread's column XOR) with fire-and-forget
+  // dq_accum_swizzle in bwd_kernel_params.h; `swizzle` is this thread's column XOR) with fire-and-forget
   // atomics (no load latency in the loop); rows >= max_rows are outside the sequence. Deterministic mode
   // gives each split its own accumulator slice, so each address has one writing thread, whose
   // same-address atomics apply in program order: the same sums every run.
@@ -201,8 +201,6 @@ struct FlashBwdKernelSm80 {
     Tensor tdQsdS = copy_a_dq.get_thread_slice(tidx).partition_S(sdS);
     Tensor tdQsKt = copy_b_dq.get_thread_slice(tidx).partition_S(sKt);
     Tensor tdQcdQ = thr_mma_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-    // This thread's column XOR in the accumulator (its rows are all one value mod 4).
-    int const dq_swizzle = dq_accum_swizzle(binfo.lse_offset + get<0>(tdQcdQ(0)));
     // Hopper: dQ goes through a shared staging tile that one thread hands to the copy engine as a bulk
     // reduction (cp.reduce.async.bulk ... add.f32), where every thread would otherwise issue 16 vector
     // atomics per step into the memory pipe that also carries the next Q and dO. A tile staged at the end of
@@ -212,6 +210,9 @@ struct FlashBwdKernelSm80 {
 #else
     constexpr bool bulk_dq = false;
 #endif
+    // This thread's column XOR in the accumulator (its rows are all one value mod 4); the atomic path keeps
+    // the plain layout.
+    int const dq_swizzle = bulk_dq ? dq_accum_swizzle(binfo.lse_offset + get<0>(tdQcdQ(0))) : 0;
     float* const sdq = reinterpret_cast<float*>(smem_buf + Traits::kDqSmemOffset);
     int dq_staged = -1;  // the query block whose dQ waits in sdq, or -1
     auto flush_dq = [&] {
@@ -249,12 +250,21 @@ struct FlashBwdKernelSm80 {
                         gmem_thr_copy.partition_D(sK), tKVcKV, rows_k, head_dim);
         copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n_block, Int<kBlockN>{})),
                         gmem_thr_copy.partition_D(sV), tKVcKV, rows_k, head_dim);
-        load_q_do(m_block_end - 1, 0);  // one group with K and V
+        // Without a mask every step of a key block is alike (masked only when the key block is the partial
+        // last one), and the walk may start anywhere: key block n starts at query block n (mod the count)
+        // from the last, so a head's key blocks, which run side by side, add into different dQ tiles
+        // instead of all into the same one at once (+1-4%, PERF_LOG b8). Plain kernels only: the
+        // modifier families keep the plain descending loops, where their registers were measured.
+        constexpr bool kRotate = kMask == MaskMode::kNone && kMods == Modifiers::kPlain;
+        int const m_count = m_block_end - m_block_begin;
+        int const m_first = m_block_end - 1 - (kRotate ? n_block % m_count : 0);
+        load_q_do(m_first, 0);  // one group with K and V
 
         int buf = 0;
         // Forced inline: step is called from several loops, and an outlined step would take the register
         // fragments it captures by reference through local memory.
-        auto step = [&](int m_block, auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
+        // m_next: the query block of the next step, or -1.
+        auto step = [&](int m_block, int m_next, auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
           // This thread's score rows: lse (log2 units) and rowsum(dO o O). Rows past the sequence get
           // lse = +inf, so P = 0 there (their Q and dO are zero-filled).
           int const rows_q = binfo.seqlen_q - m_block * kBlockM;
@@ -270,7 +280,7 @@ struct FlashBwdKernelSm80 {
           cp_async_wait<0>();
           __syncthreads();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
           if (bulk_dq) { flush_dq(); }
-          if (kStages == 2 && m_block > m_block_begin) { load_q_do(m_block - 1, buf ^ 1); }
+          if (kStages == 2 && m_next >= 0) { load_q_do(m_next, buf ^ 1); }
 
           Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
           modifiers.init(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
@@ -362,9 +372,9 @@ struct FlashBwdKernelSm80 {
             add_dq(dq_accum_ptr + int64_t(m_block) * kBlockM * kHeadDim, acc_dq, tdQcdQ, dq_swizzle, rows_q);
           }
 
-          if (kStages == 1 && m_block > m_block_begin) {
+          if (kStages == 1 && m_next >= 0) {
             __syncthreads();  // every warp is done reading Q[m] and dO[m]
-            load_q_do(m_block - 1, 0);
+            load_q_do(m_next, 0);
           }
           if (kStages == 2) { buf ^= 1; }
         };
@@ -372,13 +382,32 @@ struct FlashBwdKernelSm80 {
         // Query blocks from the last down: those past the window's left edge (masked), those that see the
         // whole key block (bare), those that straddle the diagonal or see the zero-filled tail (masked).
         int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
-        int m_block = m_block_end - 1;
-        if constexpr (Mask::kHasLeft) {
-          int const m_block_unmasked_end = max(mask.m_block_unmasked_end(n_block), m_block_begin);
-          for (; m_block >= m_block_unmasked_end; --m_block) { step(m_block, cute::true_type{}); }
+        if constexpr (kRotate) {
+          // Forced inline as step is: an outlined walk took the hdim-256 fragments through a 4 KB stack frame
+          // (13x slower).
+          auto walk = [&](auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
+            int m_block = m_first;
+            for (int i = 0; i < m_count; ++i) {
+              int const next = m_block == m_block_begin ? m_block_end - 1 : m_block - 1;
+              step(m_block, i + 1 < m_count ? next : -1, needs_mask);
+              m_block = next;
+            }
+          };
+          if (m_block_unmasked_begin > m_block_begin) {
+            walk(cute::true_type{});
+          } else {
+            walk(cute::false_type{});
+          }
+        } else {
+          auto next = [&](int m_block) { return m_block > m_block_begin ? m_block - 1 : -1; };
+          int m_block = m_block_end - 1;
+          if constexpr (Mask::kHasLeft) {
+            int const m_block_unmasked_end = max(mask.m_block_unmasked_end(n_block), m_block_begin);
+            for (; m_block >= m_block_unmasked_end; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
+          }
+          for (; m_block >= m_block_unmasked_begin; --m_block) { step(m_block, next(m_block), cute::false_type{}); }
+          for (; m_block >= m_block_begin; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
         }
-        for (; m_block >= m_block_unmasked_begin; --m_block) { step(m_block, cute::false_type{}); }
-        for (; m_block >= m_block_begin; --m_block) { step(m_block, cute::true_type{}); }
       }
 
       // Epilogue: dK picks up the softmax scale (dS is the gradient of the scaled scores); both go to

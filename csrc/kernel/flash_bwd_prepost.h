@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(RowGroups<kHeadDim>::kThreads)
   acc.fill(0.f);
   for (int s = 0; s < p.num_accum_slices; ++s) {  // a fixed order: the same sums every run
     auto const part = *reinterpret_cast<cutlass::Array<float, G::kElemsPerLane> const*>(
-        p.dq_accum + (int64_t(s) * p.lse_rows + row) * kHeadDim + (col ^ dq_accum_swizzle(row)));
+        p.dq_accum + (int64_t(s) * p.lse_rows + row) * kHeadDim + (col ^ (p.bulk_dq ? dq_accum_swizzle(row) : 0)));
     CUTE_UNROLL
     for (int i = 0; i < G::kElemsPerLane; ++i) { acc[i] += part[i]; }
   }

@@ -26,10 +26,10 @@ struct BwdKernelParams : BwdParams {
   bool bulk_dq = false;
 };
 
-// dq_accum's layout: row-major (rows, kHeadDim) fp32 with each row's 8-column chunks permuted, column c
-// of row r (numbered within its slice) at r * kHeadDim + (c ^ dq_accum_swizzle(r)). The XOR (bits 3-4
-// from r mod 4) lets 8 consecutive rows' stores of an MMA fragment into a staging tile of this same layout
-// hit every shared memory bank, and keeps each 8-float chunk contiguous for the postprocess.
+// dq_accum's layout: row-major (rows, kHeadDim) fp32; with bulk_dq each row's 8-column chunks are permuted,
+// column c of row r (numbered within its slice) at r * kHeadDim + (c ^ dq_accum_swizzle(r)). The XOR
+// (bits 3-4 from r mod 4) lets 8 consecutive rows' stores of an MMA fragment into a staging tile of this
+// same layout hit every shared memory bank, and keeps each 8-float chunk contiguous for the postprocess.
 CUTE_HOST_DEVICE constexpr int dq_accum_swizzle(int64_t row) { return int(row & 3) << 3; }
 
 }  // namespace flash_attn2

@@ -38,6 +38,9 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   using Traits = BwdTraitsSm80<Element, kHeadDim>;
   using Kernel = FlashBwdKernelSm80<Traits, kMask, kMods>;
   using Rows = RowGroups<kHeadDim>;
+  // The postprocess reads dq_accum in the layout the main kernel's path wrote it in.
+  BwdKernelParams kp = params;
+  kp.bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kDqSmemOffset + Traits::kDqSmemBytes);
 
   if (params.lse_rows > 0) {
     int64_t const blocks = Rows::num_blocks(params.lse_rows);
@@ -50,8 +53,6 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     if (err != cudaSuccess) { return err; }
   }
 
-  BwdKernelParams kp = params;
-  kp.bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kDqSmemOffset + Traits::kDqSmemBytes);
   int const smem_bytes = kp.bulk_dq ? Traits::kDqSmemOffset + Traits::kDqSmemBytes : Kernel::kSmemBytes;
   auto kernel = &device_kernel<Kernel, BwdKernelParams>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
@@ -66,7 +67,7 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
 
   if (params.lse_rows > 0) {
     bwd_postprocess_kernel<Element, kHeadDim>
-        <<<dim3(unsigned(Rows::num_blocks(params.lse_rows))), Rows::kThreads, 0, stream>>>(params);
+        <<<dim3(unsigned(Rows::num_blocks(params.lse_rows))), Rows::kThreads, 0, stream>>>(kp);
     err = cudaGetLastError();
   }
   return err;
