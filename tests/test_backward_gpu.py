@@ -378,6 +378,22 @@ def test_deterministic_backward_is_bitwise_reproducible(kernel):
     assert_grads_match_reference(atomic, q, k, v, grad_out, causal)
 
 
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
+def test_atomic_dq_path(kernel, monkeypatch):
+    """FLASH_ATTN2_BWD_DQ=atomic keeps Hopper on the sm80 way of adding dq (vector atomics, the plain
+    accumulator layout) instead of the bulk reductions: both modes still match the reference, the
+    deterministic one bit for bit run to run. Mid-tile lengths, s_q != s_k, GQA."""
+    causal = kernel.mask == "causal"
+    q, k, v = make_qkv(2, 333, 517, NHEADS, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
+    grad_out = torch.randn_like(q)
+    monkeypatch.setenv("FLASH_ATTN2_BWD_DQ", "atomic")
+    for deterministic in (False, True):
+        grads = run_backward(attention_fn(causal, deterministic), (q, k, v), grad_out, kernel.mask)
+        assert_grads_match_reference(grads, q, k, v, grad_out, causal)
+    again = run_backward(attention_fn(causal, True), (q, k, v), grad_out, kernel.mask)
+    assert_equal_grads(again, grads, "deterministic=True must reproduce its bits")
+
+
 # torch.compile, torch.library, activation checkpointing.
 
 
