@@ -76,10 +76,11 @@ struct BwdTraitsSm80 {
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   // The dQ staging tile of the Hopper path (fp32, the accumulator's layout), after SharedStorage. Only
-  // where the CTA holds an SM alone anyway (> 113 KB): at hdim 32 the 16 KB would halve the CTAs per SM.
+  // where the CTA holds an SM alone anyway: at hdim 32 the 16 KB would halve the CTAs per SM.
   static constexpr int kDqSmemOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kDqSmemBytes = kBlockM * kHeadDim * int(sizeof(float));
-  static constexpr bool kBulkDqWorthIt = kSmemBytes > 113 * 1024;
+  static constexpr int kBulkDqSmemBytes = kDqSmemOffset + kDqSmemBytes;  // the whole block's, on that path
+  static constexpr bool kBulkDqWorthIt = kSmemBytes > kTwoCtasPerSmSmemBytes;
 };
 
 }  // namespace flash_attn2

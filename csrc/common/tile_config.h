@@ -84,6 +84,8 @@ constexpr KVCacheTile kvcache_tile(int head_dim, bool compact = false) {
 
 // The opt-in shared memory per block of the smallest GPUs the sm80 kernels run on (sm86, sm89, sm120).
 constexpr int kSmallGpuSmemBytes = 99 * 1024;
+// The most a block may take for two to share an H100/H200 SM (228 KB, 1 KB reserved per block).
+constexpr int kTwoCtasPerSmSmemBytes = 113 * 1024;
 
 struct BwdTile {
   int block_m;     // query rows per main-loop step

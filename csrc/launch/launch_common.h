@@ -24,6 +24,15 @@ __global__ void __launch_bounds__(Kernel::kNThreads, 1) device_kernel(CUTE_GRID_
   Kernel{}(params, smem_buf);
 }
 
+// The current device's value of attr, for the launchers' run-time choices (dispatch.cpp, host-only C++,
+// has its own device_attribute with a Status).
+inline cudaError_t current_device_attribute(cudaDeviceAttr attr, int& value) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) { err = cudaDeviceGetAttribute(&value, attr, device); }
+  return err;
+}
+
 // Opts Kernel in to more than the default 48 KB of dynamic shared memory where its tile needs it.
 template <class Kernel, class Params>
 cudaError_t opt_in_smem() {

@@ -22,10 +22,9 @@ inline bool bulk_dq_available(int smem_bytes) {
   if (char const* mode = std::getenv("FLASH_ATTN2_BWD_DQ"); mode != nullptr && std::strcmp(mode, "atomic") == 0) {
     return false;
   }
-  int device = 0, major = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+  int major = 0, optin = 0;
+  if (current_device_attribute(cudaDevAttrComputeCapabilityMajor, major) != cudaSuccess ||
+      current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, optin) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -40,7 +39,7 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   using Rows = RowGroups<kHeadDim>;
   // The postprocess reads dq_accum in the layout the main kernel's path wrote it in.
   BwdKernelParams kp = params;
-  kp.bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kDqSmemOffset + Traits::kDqSmemBytes);
+  kp.bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kBulkDqSmemBytes);
 
   if (params.lse_rows > 0) {
     int64_t const blocks = Rows::num_blocks(params.lse_rows);
@@ -53,7 +52,7 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     if (err != cudaSuccess) { return err; }
   }
 
-  int const smem_bytes = kp.bulk_dq ? Traits::kDqSmemOffset + Traits::kDqSmemBytes : Kernel::kSmemBytes;
+  int const smem_bytes = kp.bulk_dq ? Traits::kBulkDqSmemBytes : Kernel::kSmemBytes;
   auto kernel = &device_kernel<Kernel, BwdKernelParams>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) { return err; }

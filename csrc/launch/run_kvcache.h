@@ -25,9 +25,8 @@ constexpr int kCombineThreads = 128;
 // Whether the current device gives a block smem_bytes of shared memory. FLASH_ATTN2_KVCACHE_SMEM_LIMIT (bytes)
 // lowers the device's figure: the tests run the compact tiles on a GPU that would not need them with it.
 inline bool kvcache_smem_fits(int smem_bytes) {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+  int optin = 0;
+  if (current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, optin) != cudaSuccess) {
     (void)cudaGetLastError();
     return true;  // the launch reports the problem
   }
