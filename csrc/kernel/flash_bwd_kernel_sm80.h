@@ -156,9 +156,9 @@ struct FlashBwdKernelSm80 {
     Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
     auto load_q_do = [&](int m_block, int buf) {
       int const rows = binfo.seqlen_q - m_block * kBlockM;
-      copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{})),
+      copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{})),
                       gmem_thr_copy.partition_D(sQ(buf)), tQcQ, rows, head_dim);
-      copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(do_ptr, params.dout_row_stride, m_block, Int<kBlockM>{})),
+      copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(do_ptr, params.dout_row_stride, m_block, Int<kBlockM>{})),
                       gmem_thr_copy.partition_D(sdO(buf)), tQcQ, rows, head_dim);
       cp_async_fence();
     };
@@ -248,18 +248,20 @@ struct FlashBwdKernelSm80 {
 
       if (m_block_begin < m_block_end) {
         __syncthreads();  // a previous key block's epilogue is done with sK and sV
-        copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(k_ptr, params.k_row_stride, n_block, Int<kBlockN>{})),
+        copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(k_ptr, params.k_row_stride, n_block, Int<kBlockN>{})),
                         gmem_thr_copy.partition_D(sK), tKVcKV, rows_k, head_dim);
-        copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n_block, Int<kBlockN>{})),
+        copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n_block, Int<kBlockN>{})),
                         gmem_thr_copy.partition_D(sV), tKVcKV, rows_k, head_dim);
-        // Without a mask every step of a key block is alike (masked only when the key block is the partial
-        // last one), and the walk may start anywhere: key block n starts at query block n (mod the count)
-        // from the last, so a head's key blocks, which run side by side, add into different dQ tiles
-        // instead of all into the same one at once (+1-4%, PERF_LOG b8). Plain kernels only: the
-        // modifier families keep the plain descending loops, where their registers were measured.
-        constexpr bool kRotate = kMask == MaskMode::kNone && kMods == Modifiers::kPlain;
-        int const m_count = m_block_end - m_block_begin;
-        int const m_first = m_block_end - 1 - (kRotate ? n_block % m_count : 0);
+        // The bare steps of a key block (those that see all of it) are alike, and may run in any order: key
+        // block n starts them at bare query block n (mod their count) from the last, so a head's key blocks,
+        // which run side by side, add into different dQ tiles instead of all into the same one at once
+        // (+1-4% non-causal, PERF_LOG b8; b9 causal); the masked ones (the diagonal's, or every step of a
+        // partial last key block) follow, descending. Plain kernels without a left window edge: the modifier
+        // families and local windows keep the descending loops, where their registers were measured.
+        constexpr bool kRotate = kMods == Modifiers::kPlain && !Mask::kHasLeft;
+        int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
+        int const m_bare = m_block_end - m_block_unmasked_begin;  // >= 0
+        int const m_first = kRotate && m_bare > 0 ? m_block_end - 1 - n_block % m_bare : m_block_end - 1;
         load_q_do(m_first, 0);  // one group with K and V
 
         int buf = 0;
@@ -381,24 +383,19 @@ struct FlashBwdKernelSm80 {
           if (kStages == 2) { buf ^= 1; }
         };
 
-        // Query blocks from the last down: those past the window's left edge (masked), those that see the
-        // whole key block (bare), those that straddle the diagonal or see the zero-filled tail (masked).
-        int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
+        // Rotated: the bare steps, then the masked ones from the last down. Otherwise query blocks from the
+        // last down: those past the window's left edge (masked), those that see the whole key block (bare),
+        // those that straddle the diagonal or see the zero-filled tail (masked).
         if constexpr (kRotate) {
-          // Forced inline as step is: an outlined walk took the hdim-256 fragments through a 4 KB stack frame
-          // (13x slower).
-          auto walk = [&](auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
-            int m_block = m_first;
-            for (int i = 0; i < m_count; ++i) {
-              int const next = m_block == m_block_begin ? m_block_end - 1 : m_block - 1;
-              step(m_block, i + 1 < m_count ? next : -1, needs_mask);
-              m_block = next;
-            }
-          };
-          if (m_block_unmasked_begin > m_block_begin) {
-            walk(cute::true_type{});
-          } else {
-            walk(cute::false_type{});
+          int m_block = m_first;
+          for (int i = 0; i < m_bare; ++i) {
+            int const next = i + 1 == m_bare ? (m_block_unmasked_begin > m_block_begin ? m_block_unmasked_begin - 1 : -1)
+                           : m_block == m_block_unmasked_begin ? m_block_end - 1 : m_block - 1;
+            step(m_block, next, cute::false_type{});
+            m_block = next;
+          }
+          for (m_block = m_block_unmasked_begin - 1; m_block >= m_block_begin; --m_block) {
+            step(m_block, m_block > m_block_begin ? m_block - 1 : -1, cute::true_type{});
           }
         } else {
           auto next = [&](int m_block) { return m_block > m_block_begin ? m_block - 1 : -1; };
@@ -439,10 +436,10 @@ struct FlashBwdKernelSm80 {
       Tensor tdVrdV = make_fragment_like(tdVsdV);
       copy(gmem_tiled_copy_store, tdKsdK, tdKrdK);
       copy(gmem_tiled_copy_store, tdVsdV, tdVrdV);
-      copy_tile<false>(gmem_tiled_copy_store, tdKrdK,
+      copy_tile(gmem_tiled_copy_store, tdKrdK,
                        gmem_thr_copy_store.partition_D(tile(dk_ptr, params.dk_row_stride, n_block, Int<kBlockN>{})),
                        tdKVcdKV, rows_k, head_dim);
-      copy_tile<false>(gmem_tiled_copy_store, tdVrdV,
+      copy_tile(gmem_tiled_copy_store, tdVrdV,
                        gmem_thr_copy_store.partition_D(tile(dv_ptr, params.dv_row_stride, n_block, Int<kBlockN>{})),
                        tdKVcdKV, rows_k, head_dim);
       // Before sdq is rewritten and before the next key block revisits these rows (deterministic
