@@ -43,18 +43,16 @@ struct FlashBwdKernelSm80 {
 
   CUTE_HOST_DEVICE static int num_n_blocks(int seqlen_k) { return (seqlen_k + kBlockN - 1) / kBlockN; }
 
-  // Adds a thread's dQ fragment to the (kBlockM, kHeadDim) accumulator tile at `tile` (layout:
-  // dq_accum_swizzle in bwd_kernel_params.h; `swizzle` is this thread's column XOR, 0 on this path: the
-  // plain layout) with fire-and-forget atomics (no load latency in the loop); rows >= max_rows are outside
-  // the sequence. Addressing like stage_dq lets the two paths share their address registers (ptxas,
-  // sm_90, hdim 128: 44 / 28 B of spill stores / loads, 88 / 136 with a CuTe partition of the tile).
+  // Adds a thread's dQ fragment to the (kBlockM, kHeadDim) accumulator tile at `tile` (the plain layout of
+  // dq_accum_col's comment in bwd_kernel_params.h) with fire-and-forget atomics (no load latency in the
+  // loop); rows >= max_rows are outside the sequence.
   // Deterministic mode gives each split its own accumulator slice, so each address has one writing
   // thread, whose same-address atomics apply in program order: the same sums every run.
   template <class TensorA, class TensorC>
-  CUTE_DEVICE static void add_dq(float* tile, TensorA const& acc, TensorC const& coords, int swizzle, int max_rows) {
+  CUTE_DEVICE static void add_dq(float* tile, TensorA const& acc, TensorC const& coords, int max_rows) {
     // Values 2j and 2j + 1 of an m16n8 accumulator are adjacent columns of one row.
     auto add_pair = [&](int i) {
-      float* const dst = tile + get<0>(coords(i)) * kHeadDim + (get<1>(coords(i)) ^ swizzle);
+      float* const dst = tile + get<0>(coords(i)) * kHeadDim + get<1>(coords(i));
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
       atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc(i), acc(i + 1)));
 #else
@@ -74,14 +72,25 @@ struct FlashBwdKernelSm80 {
     }
   }
 
-  // Writes a thread's dQ fragment into the shared staging tile, in the accumulator's layout, for one
-  // bulk reduction of the whole tile. The column XOR spreads the 8 rows of one store over all banks.
+  // Writes a thread's dQ fragment into the shared staging tile, in the accumulator's layout
+  // (dq_accum_col in bwd_kernel_params.h), for one bulk reduction of the whole tile. The fragment is
+  // (values, MMA_M, MMA_N), values (column, row half) of an m16n8 accumulator; fragments n and n + 1
+  // (n even) are 2^dq_pair_bit columns apart, so their column pairs form one 16-byte chunk.
+  // row_flip: dq_accum_row_flip of this thread's rows (all of one parity).
   template <class TensorA, class TensorC>
-  CUTE_DEVICE static void stage_dq(float* sdq, TensorA const& acc, TensorC const& coords, int swizzle) {
+  CUTE_DEVICE static void stage_dq(float* sdq, TensorA const& acc, TensorC const& coords, int row_flip) {
+    static_assert(decltype(size<2>(acc))::value % 2 == 0, "fragments pair up along the head dim");
     CUTE_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      *reinterpret_cast<float2*>(sdq + get<0>(coords(i)) * kHeadDim + (get<1>(coords(i)) ^ swizzle)) =
-          make_float2(acc(i), acc(i + 1));
+    for (int n = 0; n < size<2>(acc); n += 2) {
+      CUTE_UNROLL
+      for (int m = 0; m < size<1>(acc); ++m) {
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          auto const rc = coords(2 * h, m, n);
+          *reinterpret_cast<float4*>(sdq + get<0>(rc) * kHeadDim + (dq_accum_perm<kHeadDim>(get<1>(rc)) ^ row_flip)) =
+              make_float4(acc(2 * h, m, n), acc(2 * h + 1, m, n), acc(2 * h, m, n + 1), acc(2 * h + 1, m, n + 1));
+        }
+      }
     }
     fence_shared_for_bulk();
   }
@@ -212,9 +221,8 @@ struct FlashBwdKernelSm80 {
 #else
     constexpr bool bulk_dq = false;
 #endif
-    // This thread's column XOR in the accumulator (its rows are all one value mod 4); the atomic path keeps
-    // the plain layout.
-    int const dq_swizzle = bulk_dq ? dq_accum_swizzle(binfo.lse_offset + get<0>(tdQcdQ(0))) : 0;
+    // The bulk path's bank flip for this thread's rows (all of one parity: 8 apart).
+    int const dq_row_flip = dq_accum_row_flip(binfo.lse_offset + get<0>(tdQcdQ(0)));
     float* const sdq = reinterpret_cast<float*>(smem_buf + Traits::kDqSmemOffset);
     int dq_staged = -1;  // the query block whose dQ waits in sdq, or -1
     auto flush_dq = [&] {
@@ -370,10 +378,10 @@ struct FlashBwdKernelSm80 {
           clear(acc_dq);
           gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, tiled_mma_dq, copy_a_dq, copy_b_dq, tidx);
           if (bulk_dq) {
-            stage_dq(sdq, acc_dq, tdQcdQ, dq_swizzle);
+            stage_dq(sdq, acc_dq, tdQcdQ, dq_row_flip);
             dq_staged = m_block;
           } else {
-            add_dq(dq_accum_ptr + int64_t(m_block) * kBlockM * kHeadDim, acc_dq, tdQcdQ, dq_swizzle, rows_q);
+            add_dq(dq_accum_ptr + int64_t(m_block) * kBlockM * kHeadDim, acc_dq, tdQcdQ, rows_q);
           }
 
           if (kStages == 1 && m_next >= 0) {

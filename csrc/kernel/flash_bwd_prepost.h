@@ -1,7 +1,7 @@
 // The backward's two memory-bound companions of the main kernel, one query row per group of lanes:
 //   preprocess:  dsum[row] = sum_c dout[row, c] * out[row, c]   (fp32)
 //   postprocess: dq[row, c] = softmax_scale * sum_s dq_accum[s][row, c], converted to the element type
-//                (dq_accum's chunk permutation: dq_accum_swizzle in bwd_kernel_params.h)
+//                (dq_accum's column permutation on the bulk path: dq_accum_col in bwd_kernel_params.h)
 // Rows are numbered in softmax_lse's layout: (batch, head, seqlen_q) dense, (head, total_q) packed.
 #pragma once
 
@@ -74,10 +74,19 @@ __global__ void __launch_bounds__(RowGroups<kHeadDim>::kThreads)
   cutlass::Array<float, G::kElemsPerLane> acc;
   acc.fill(0.f);
   for (int s = 0; s < p.num_accum_slices; ++s) {  // a fixed order: the same sums every run
-    auto const part = *reinterpret_cast<cutlass::Array<float, G::kElemsPerLane> const*>(
-        p.dq_accum + (int64_t(s) * p.lse_rows + row) * kHeadDim + (col ^ (p.bulk_dq ? dq_accum_swizzle(row) : 0)));
-    CUTE_UNROLL
-    for (int i = 0; i < G::kElemsPerLane; ++i) { acc[i] += part[i]; }
+    float const* const slice_row = p.dq_accum + (int64_t(s) * p.lse_rows + row) * kHeadDim;
+    if (p.bulk_dq) {  // permuted columns: pairs stay adjacent
+      CUTE_UNROLL
+      for (int i = 0; i < G::kElemsPerLane; i += 2) {
+        float2 const pair = *reinterpret_cast<float2 const*>(slice_row + dq_accum_col<kHeadDim>(row, col + i));
+        acc[i] += pair.x;
+        acc[i + 1] += pair.y;
+      }
+    } else {
+      auto const part = *reinterpret_cast<cutlass::Array<float, G::kElemsPerLane> const*>(slice_row + col);
+      CUTE_UNROLL
+      for (int i = 0; i < G::kElemsPerLane; ++i) { acc[i] += part[i]; }
+    }
   }
   CUTE_UNROLL
   for (int i = 0; i < G::kElemsPerLane; ++i) { acc[i] *= p.softmax_scale; }

@@ -6,6 +6,7 @@
 
 #include <cute/config.hpp>
 
+#include "common/tile_config.h"
 #include "flash_attn2/params.h"
 
 namespace flash_attn2 {
@@ -26,10 +27,34 @@ struct BwdKernelParams : BwdParams {
   bool bulk_dq = false;
 };
 
-// dq_accum's layout: row-major (rows, kHeadDim) fp32; with bulk_dq each row's 8-column chunks are permuted,
-// column c of row r (numbered within its slice) at r * kHeadDim + (c ^ dq_accum_swizzle(r)). The XOR
-// (bits 3-4 from r mod 4) lets 8 consecutive rows' stores of an MMA fragment into a staging tile of this
-// same layout hit every shared memory bank, and keeps each 8-float chunk contiguous for the postprocess.
-CUTE_HOST_DEVICE constexpr int dq_accum_swizzle(int64_t row) { return int(row & 3) << 3; }
+// dq_accum's layout: row-major (rows, kHeadDim) fp32, rows numbered within their slice. The atomic path
+// keeps it plain. With bulk_dq, column c of row r sits at r * kHeadDim + dq_accum_col<kHeadDim>(r, c), the
+// layout of the shared staging tile that the bulk reduction copies as one run:
+//  - within each group of 2^(k+1) columns, column bit k moves to bit 1 (bits 1..k-1 up by one), where 2^k
+//    is the column step between a thread's neighbouring dQ MMA fragments (8 x the warps along the head
+//    dim): a thread's two column pairs (c, c + 1) and (c + 2^k, c + 2^k + 1) of one row become one 16-byte
+//    chunk, one 128-bit store instead of two 64-bit ones;
+//  - bit 4 flips with the row's parity, so the two rows of a quarter warp's stores hit different banks.
+// Column pairs (2j, 2j + 1) stay adjacent, which the postprocess reads.
+template <int kHeadDim>
+CUTE_HOST_DEVICE constexpr int dq_pair_bit() {
+  constexpr BwdTile kTile = bwd_tile(kHeadDim);
+  int bit = 0;
+  while ((1 << bit) < 8 * (kTile.num_warps / kTile.warps_m_dq)) { ++bit; }
+  return bit;
+}
+template <int kHeadDim>
+CUTE_HOST_DEVICE constexpr int dq_accum_perm(int col) {
+  constexpr int k = dq_pair_bit<kHeadDim>();
+  static_assert(k >= 4 && kHeadDim % (2 << k) == 0, "the permuted groups must tile the head dim");
+  constexpr int kLow = (2 << k) - 1;  // bits 0..k
+  int const low = col & kLow;
+  return (col & ~kLow) | (low & 1) | (((low >> k) & 1) << 1) | (((low >> 1) & ((1 << (k - 1)) - 1)) << 2);
+}
+CUTE_HOST_DEVICE constexpr int dq_accum_row_flip(int64_t row) { return int(row & 1) << 4; }
+template <int kHeadDim>
+CUTE_HOST_DEVICE constexpr int dq_accum_col(int64_t row, int col) {
+  return dq_accum_perm<kHeadDim>(col) ^ dq_accum_row_flip(row);
+}
 
 }  // namespace flash_attn2
