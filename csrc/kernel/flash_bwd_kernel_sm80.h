@@ -1,11 +1,12 @@
 // FlashAttention-2 backward on mma.sync (sm80, and sm90 through the same code).
 // One CTA per (key block, head, batch), or per (split, head, batch) walking every num_splits-th key
 // block (deterministic mode). The CTA keeps its K and V tile in shared memory and dK, dV in registers, and walks
-// the query blocks that see the key block, from the last down. Per query block it recomputes
+// the query blocks that see the key block (plain kernels: the bare ones from a rotated start, then the masked
+// ones; the others from the last down). Per query block it recomputes
 // P = exp(S * scale - lse) from the forward's lse (no running max, nothing N x N stored), forms
 // dS = P o (dP - rowsum(dO o O)) with dP = dO V^T, accumulates dV += P^T dO and dK += dS^T Q, and adds
-// dQ = dS K into an fp32 accumulator in global memory with atomics (deterministic mode: into a slice
-// of its own per split). Q and dO of the next query block load under this one's math when there are two stages.
+// dQ = dS K into an fp32 accumulator in global memory, with atomics or (Hopper) one bulk reduction of a
+// shared staging tile per step (deterministic mode: into a slice of its own per split). Q and dO of the next query block load under this one's math when there are two stages.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -40,6 +41,9 @@ struct FlashBwdKernelSm80 {
   static constexpr int kSmemBytes = Traits::kSmemBytes;
   using SharedStorage = typename Traits::SharedStorage;
   using Mask = BlockMask<kMask, kBlockM, kBlockN>;
+  static_assert(dq_accum_perm_is_valid<kHeadDim>(), "dq_accum_col must permute the head dim's columns");
+  static_assert((1 << kDqPairBit<kHeadDim>) == 8 * (Traits::kNWarps / Traits::kTile.warps_m_dq),
+                "stage_dq pairs fragments 8 x (warps along the head dim) columns apart: a power of two");
 
   CUTE_HOST_DEVICE static int num_n_blocks(int seqlen_k) { return (seqlen_k + kBlockN - 1) / kBlockN; }
 
@@ -75,7 +79,7 @@ struct FlashBwdKernelSm80 {
   // Writes a thread's dQ fragment into the shared staging tile, in the accumulator's layout
   // (dq_accum_col in bwd_kernel_params.h), for one bulk reduction of the whole tile. The fragment is
   // (values, MMA_M, MMA_N), values (column, row half) of an m16n8 accumulator; fragments n and n + 1
-  // (n even) are 2^dq_pair_bit columns apart, so their column pairs form one 16-byte chunk.
+  // (n even) are 2^kDqPairBit columns apart, so their column pairs form one 16-byte chunk.
   // row_flip: dq_accum_row_flip of this thread's rows (all of one parity).
   template <class TensorA, class TensorC>
   CUTE_DEVICE static void stage_dq(float* sdq, TensorA const& acc, TensorC const& coords, int row_flip) {

@@ -36,20 +36,37 @@ struct BwdKernelParams : BwdParams {
 //    chunk, one 128-bit store instead of two 64-bit ones;
 //  - bit 4 flips with the row's parity, so the two rows of a quarter warp's stores hit different banks.
 // Column pairs (2j, 2j + 1) stay adjacent, which the postprocess reads.
-template <int kHeadDim>
-CUTE_HOST_DEVICE constexpr int dq_pair_bit() {
-  constexpr BwdTile kTile = bwd_tile(kHeadDim);
+constexpr int dq_pair_bit_of(int head_dim) {
+  BwdTile const tile = bwd_tile(head_dim);
   int bit = 0;
-  while ((1 << bit) < 8 * (kTile.num_warps / kTile.warps_m_dq)) { ++bit; }
+  while ((1 << bit) < 8 * (tile.num_warps / tile.warps_m_dq)) { ++bit; }
   return bit;
 }
 template <int kHeadDim>
+inline constexpr int kDqPairBit = dq_pair_bit_of(kHeadDim);
+template <int kHeadDim>
 CUTE_HOST_DEVICE constexpr int dq_accum_perm(int col) {
-  constexpr int k = dq_pair_bit<kHeadDim>();
+  constexpr int k = kDqPairBit<kHeadDim>;
   static_assert(k >= 4 && kHeadDim % (2 << k) == 0, "the permuted groups must tile the head dim");
   constexpr int kLow = (2 << k) - 1;  // bits 0..k
   int const low = col & kLow;
   return (col & ~kLow) | (low & 1) | (((low >> k) & 1) << 1) | (((low >> 1) & ((1 << (k - 1)) - 1)) << 2);
+}
+// Compile-time check of the above: a bijection of [0, kHeadDim) that keeps column pairs adjacent and puts
+// a thread's second pair (c + 2^k) right after its first (asserted in the backward kernel).
+template <int kHeadDim>
+constexpr bool dq_accum_perm_is_valid() {
+  constexpr int k = kDqPairBit<kHeadDim>;
+  bool seen[kHeadDim] = {};
+  for (int c = 0; c < kHeadDim; ++c) {
+    int const pos = dq_accum_perm<kHeadDim>(c);
+    if (pos < 0 || pos >= kHeadDim || seen[pos]) { return false; }
+    seen[pos] = true;
+    if (c % 2 == 1 && pos != dq_accum_perm<kHeadDim>(c - 1) + 1) { return false; }
+    if (c % 2 == 0 && ((c >> k) & 1) == 0 &&
+        (pos % 4 != 0 || dq_accum_perm<kHeadDim>(c + (1 << k)) != pos + 2)) { return false; }
+  }
+  return true;
 }
 CUTE_HOST_DEVICE constexpr int dq_accum_row_flip(int64_t row) { return int(row & 1) << 4; }
 template <int kHeadDim>
