@@ -6,7 +6,8 @@
 // P = exp(S * scale - lse) from the forward's lse (no running max, nothing N x N stored), forms
 // dS = P o (dP - rowsum(dO o O)) with dP = dO V^T, accumulates dV += P^T dO and dK += dS^T Q, and adds
 // dQ = dS K into an fp32 accumulator in global memory, with atomics or (Hopper) one bulk reduction of a
-// shared staging tile per step (deterministic mode: into a slice of its own per split). Q and dO of the next query block load under this one's math when there are two stages.
+// shared staging tile per step (deterministic mode: into a slice of its own per split). Q and dO of the
+// next query block load under this one's math when there are two stages.
 #pragma once
 
 #include <cute/tensor.hpp>
