@@ -35,7 +35,7 @@ struct Sm80GmemCopy {
   static constexpr int kRowsPerPass = kNThreads / kThreadsPerRow;
   using ThreadLayout = Layout<Shape<Int<kRowsPerPass>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>;
   // CACHEGLOBAL: K and V tiles are re-read by other CTAs of the head, so keep them in L2, not L1. The
-  // zero-fill form: a copy predicated false clears its 16 bytes (copy_tile_zfill in copy.h).
+  // zero-fill form: a copy predicated false clears its 16 bytes (copy_tile<true> in copy.h).
   using Load = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element>{},
                                         ThreadLayout{}, Layout<Shape<_1, Int<kElemsPerAccess>>>{}));
   using Store = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{}, ThreadLayout{},

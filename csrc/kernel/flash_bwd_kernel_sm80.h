@@ -170,9 +170,9 @@ struct FlashBwdKernelSm80 {
     Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
     auto load_q_do = [&](int m_block, int buf) {
       int const rows = binfo.seqlen_q - m_block * kBlockM;
-      copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{})),
+      copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{})),
                       gmem_thr_copy.partition_D(sQ(buf)), tQcQ, rows, head_dim);
-      copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(do_ptr, params.dout_row_stride, m_block, Int<kBlockM>{})),
+      copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(do_ptr, params.dout_row_stride, m_block, Int<kBlockM>{})),
                       gmem_thr_copy.partition_D(sdO(buf)), tQcQ, rows, head_dim);
       cp_async_fence();
     };
@@ -261,9 +261,9 @@ struct FlashBwdKernelSm80 {
 
       if (m_block_begin < m_block_end) {
         __syncthreads();  // a previous key block's epilogue is done with sK and sV
-        copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(k_ptr, params.k_row_stride, n_block, Int<kBlockN>{})),
+        copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(k_ptr, params.k_row_stride, n_block, Int<kBlockN>{})),
                         gmem_thr_copy.partition_D(sK), tKVcKV, rows_k, head_dim);
-        copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n_block, Int<kBlockN>{})),
+        copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n_block, Int<kBlockN>{})),
                         gmem_thr_copy.partition_D(sV), tKVcKV, rows_k, head_dim);
         // The bare steps of a key block (those that see all of it) are alike, and may run in any order: key
         // block n starts them at bare query block n (mod their count) from the last, so a head's key blocks,
@@ -449,10 +449,10 @@ struct FlashBwdKernelSm80 {
       Tensor tdVrdV = make_fragment_like(tdVsdV);
       copy(gmem_tiled_copy_store, tdKsdK, tdKrdK);
       copy(gmem_tiled_copy_store, tdVsdV, tdVrdV);
-      copy_tile(gmem_tiled_copy_store, tdKrdK,
+      copy_tile<false>(gmem_tiled_copy_store, tdKrdK,
                        gmem_thr_copy_store.partition_D(tile(dk_ptr, params.dk_row_stride, n_block, Int<kBlockN>{})),
                        tdKVcdKV, rows_k, head_dim);
-      copy_tile(gmem_tiled_copy_store, tdVrdV,
+      copy_tile<false>(gmem_tiled_copy_store, tdVrdV,
                        gmem_thr_copy_store.partition_D(tile(dv_ptr, params.dv_row_stride, n_block, Int<kBlockN>{})),
                        tdKVcdKV, rows_k, head_dim);
       // Before sdq is rewritten and before the next key block revisits these rows (deterministic

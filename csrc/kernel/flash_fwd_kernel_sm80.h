@@ -147,7 +147,7 @@ struct FlashFwdKernelSm80 {
     // KV-cache loop has its own, with stages and paged rows).
     auto load_kv = [&](Element const* base, int64_t row_stride, auto& tXsX, int n, int max_rows)
                        CUTLASS_LAMBDA_FUNC_INLINE {
-      copy_tile_zfill(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(base, row_stride, n, Int<kBlockN>{})), tXsX,
+      copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(base, row_stride, n, Int<kBlockN>{})), tXsX,
                       tKVcKV, max_rows, head_dim);
     };
     auto load_k = [&](int n, int max_rows) CUTLASS_LAMBDA_FUNC_INLINE {
@@ -266,8 +266,8 @@ struct FlashFwdKernelSm80 {
                       head_dim);
           } else {
             int const max_rows = binfo.seqlen_k - n * kBlockN;
-            copy_tile_zfill(gmem_tiled_copy, tKgK(n), tKsK_s, tKVcKV, max_rows, head_dim);
-            copy_tile_zfill(gmem_tiled_copy, tVgV(n), tVsV_s, tKVcKV, max_rows, head_dim);
+            copy_tile<true>(gmem_tiled_copy, tKgK(n), tKsK_s, tKVcKV, max_rows, head_dim);
+            copy_tile<true>(gmem_tiled_copy, tVgV(n), tVsV_s, tKVcKV, max_rows, head_dim);
           }
         };
         int const n_count = n_block_max - n_block_min;
@@ -283,7 +283,7 @@ struct FlashFwdKernelSm80 {
 
         // Prologue: Q with the first block, then the next kStages - 2 blocks, one commit group each (empty
         // groups where the walk is shorter, so the wait counts below hold).
-        copy_tile_zfill(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
+        copy_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
         if (paged) { fetch_pages(block_at(0)); }
         CUTE_UNROLL
         for (int i = 0; i < kStages - 1; ++i) {
@@ -330,7 +330,7 @@ struct FlashFwdKernelSm80 {
       using True = cute::true_type;
       using False = cute::false_type;
       int const n_block_unmasked_end = max(mask.n_block_unmasked_end(m_block), n_block_min);
-      copy_tile_zfill(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
+      copy_tile<true>(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, rows_q, head_dim);
       load_k(n_block, binfo.seqlen_k - n_block * kBlockN);
       cp_async_fence();
 
@@ -445,7 +445,7 @@ struct FlashFwdKernelSm80 {
     Tensor tOcO_copy = gmem_thr_copy_o.partition_D(cO);  // (CPY, CPY_M, CPY_K) -> (row, col)
     Tensor tOrO = make_fragment_like(tOsO);
     copy(gmem_tiled_copy_o, tOsO, tOrO);
-    copy_tile(gmem_tiled_copy_o, tOrO, tOgO, tOcO_copy, rows_q, head_dim);
+    copy_tile<false>(gmem_tiled_copy_o, tOrO, tOgO, tOcO_copy, rows_q, head_dim);
   }
 };
 
