@@ -399,27 +399,25 @@ struct FlashBwdKernelSm80 {
         // Rotated: the bare steps, then the masked ones from the last down. Otherwise query blocks from the
         // last down: those past the window's left edge (masked), those that see the whole key block (bare),
         // those that straddle the diagonal or see the zero-filled tail (masked).
+        auto next = [&](int m_block) { return m_block > m_block_begin ? m_block - 1 : -1; };
+        int m_block = m_block_end - 1;
         if constexpr (kRotate) {
-          int m_block = m_first;
+          m_block = m_first;
           for (int i = 0; i < m_bare; ++i) {
-            int const next = i + 1 == m_bare ? (m_block_unmasked_begin > m_block_begin ? m_block_unmasked_begin - 1 : -1)
-                           : m_block == m_block_unmasked_begin ? m_block_end - 1 : m_block - 1;
-            step(m_block, next, cute::false_type{});
-            m_block = next;
+            int const after = i + 1 == m_bare ? next(m_block_unmasked_begin)
+                              : m_block == m_block_unmasked_begin ? m_block_end - 1 : m_block - 1;
+            step(m_block, after, cute::false_type{});
+            m_block = after;
           }
-          for (m_block = m_block_unmasked_begin - 1; m_block >= m_block_begin; --m_block) {
-            step(m_block, m_block > m_block_begin ? m_block - 1 : -1, cute::true_type{});
-          }
+          m_block = m_block_unmasked_begin - 1;
         } else {
-          auto next = [&](int m_block) { return m_block > m_block_begin ? m_block - 1 : -1; };
-          int m_block = m_block_end - 1;
           if constexpr (Mask::kHasLeft) {
             int const m_block_unmasked_end = max(mask.m_block_unmasked_end(n_block), m_block_begin);
             for (; m_block >= m_block_unmasked_end; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
           }
           for (; m_block >= m_block_unmasked_begin; --m_block) { step(m_block, next(m_block), cute::false_type{}); }
-          for (; m_block >= m_block_begin; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
         }
+        for (; m_block >= m_block_begin; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
       }
 
       // Epilogue: dK picks up the softmax scale (dS is the gradient of the scaled scores); both go to
