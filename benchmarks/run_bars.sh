@@ -3,11 +3,13 @@
 # benchmarks/run_on_device.sh has built what they need (TESTS=0 BENCH=0 MEMORY=0 is enough there):
 #   fwd, bwd, fwd_bwd  head dims 64 and 128, DTYPES, causal and not, 1k-16k, ours against sdpa_flash and cuDNN
 #   other              head dims 96, 192, 256 (OTHER_HDIMS), forward and backward, against sdpa_flash
+#                      (other_fwd, other_bwd: one of the two)
 #   det                the backward with deterministic=True (its cost: compare with the bwd CSV of this run)
 #   decode             benchmark_decode.py --graph (needs the hdim 128 KV-cache kernels)
 # Each benchmark writes $OUT/<name>.csv and .log; check_bars.py reads every CSV, its verdicts go to
 # $OUT/bars.txt; the folder is packed into $OUT/bars.tgz (the device tool brings back at most 8 files).
-# Environment: BARS (default "fwd bwd fwd_bwd other det decode"), DTYPES (default bf16,fp16), OTHER_HDIMS.
+# Environment: BARS (default "fwd bwd fwd_bwd other det decode"), DTYPES (default bf16,fp16), OTHER_HDIMS,
+# BACKENDS (of the fwd, bwd and fwd_bwd bars; default ours,sdpa_flash,sdpa_cudnn).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
@@ -15,6 +17,7 @@ OUT_DIR="${OUT:-$PWD/bench_out}/bars"
 BARS="${BARS:-fwd bwd fwd_bwd other det decode}"
 DTYPES="${DTYPES:-bf16,fp16}"
 OTHER_HDIMS="${OTHER_HDIMS:-96,192,256}"
+BACKENDS="${BACKENDS:-ours,sdpa_flash,sdpa_cudnn}"
 SEQLENS=1024,2048,4096,8192,16384
 mkdir -p "$OUT_DIR"
 : > "$OUT_DIR/bars.txt"
@@ -33,10 +36,12 @@ check() {  # check PASS CSV: the bar verdicts of one CSV
 for bar in $BARS; do
   case "$bar" in
     fwd | bwd | fwd_bwd)
-      bench "$bar" --hdims 64,128 --dtypes "$DTYPES" --pass "$bar" --backends ours,sdpa_flash,sdpa_cudnn
+      bench "$bar" --hdims 64,128 --dtypes "$DTYPES" --pass "$bar" --backends "$BACKENDS"
       check "$bar" "$OUT_DIR/$bar.csv" ;;
-    other)
-      for pass in fwd bwd; do
+    other | other_fwd | other_bwd)
+      passes="fwd bwd"
+      if [ "$bar" != other ]; then passes="${bar#other_}"; fi
+      for pass in $passes; do
         bench "other_$pass" --hdims "$OTHER_HDIMS" --dtypes "$DTYPES" --pass "$pass" --backends ours,sdpa_flash
         check "$pass" "$OUT_DIR/other_$pass.csv"
       done ;;
@@ -48,7 +53,7 @@ for bar in $BARS; do
         > "$OUT_DIR/decode.log" 2>&1
       echo "==== decode rc=$? $((SECONDS - start))s"
       check decode "$OUT_DIR/decode.csv" ;;
-    *) echo "unknown bar: $bar (of fwd bwd fwd_bwd other det decode)" ;;
+    *) echo "unknown bar: $bar (of fwd bwd fwd_bwd other other_fwd other_bwd det decode)" ;;
   esac
 done
 

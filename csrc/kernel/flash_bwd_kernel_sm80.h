@@ -81,7 +81,8 @@ struct FlashBwdKernelSm80 {
   // (dq_accum_col in bwd_kernel_params.h), for one bulk reduction of the whole tile. The fragment is
   // (values, MMA_M, MMA_N), values (column, row half) of an m16n8 accumulator; fragments n and n + 1
   // (n even) are 2^kDqPairBit columns apart, so their column pairs form one 16-byte chunk.
-  // row_flip: dq_accum_row_flip of this thread's rows (all of one parity).
+  // row_flip: dq_accum_row_flip of this thread's rows (all of one parity). Every writer fences
+  // (fence_shared_for_bulk) before the barrier ahead of the flush.
   template <class TensorA, class TensorC>
   CUTE_DEVICE static void stage_dq(float* sdq, TensorA const& acc, TensorC const& coords, int row_flip) {
     static_assert(decltype(size<2>(acc))::value % 2 == 0, "fragments pair up along the head dim");
@@ -97,7 +98,6 @@ struct FlashBwdKernelSm80 {
         }
       }
     }
-    fence_shared_for_bulk();
   }
 
   CUTE_DEVICE void operator()(BwdKernelParams const& params, char* smem_buf) const {
@@ -168,13 +168,21 @@ struct FlashBwdKernelSm80 {
     auto gmem_thr_copy = gmem_tiled_copy.get_thread_slice(tidx);
     Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-    auto load_q_do = [&](int m_block, int buf) {
-      int const rows = binfo.seqlen_q - m_block * kBlockM;
+    // Q and dO of a query block, one commit group (dO's load closes it). A step with two stages issues
+    // the next block's Q after its S GEMM and dO after its dP GEMM, not both at once at its start, where
+    // their copies would queue in front of the S GEMM's shared loads.
+    auto load_q = [&](int m_block, int buf) {
       copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{})),
-                      gmem_thr_copy.partition_D(sQ(buf)), tQcQ, rows, head_dim);
+                      gmem_thr_copy.partition_D(sQ(buf)), tQcQ, binfo.seqlen_q - m_block * kBlockM, head_dim);
+    };
+    auto load_do = [&](int m_block, int buf) {
       copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(do_ptr, params.dout_row_stride, m_block, Int<kBlockM>{})),
-                      gmem_thr_copy.partition_D(sdO(buf)), tQcQ, rows, head_dim);
+                      gmem_thr_copy.partition_D(sdO(buf)), tQcQ, binfo.seqlen_q - m_block * kBlockM, head_dim);
       cp_async_fence();
+    };
+    auto load_q_do = [&](int m_block, int buf) {
+      load_q(m_block, buf);
+      load_do(m_block, buf);
     };
 
     // S = Q K^T and dP = dO V^T.
@@ -295,15 +303,18 @@ struct FlashBwdKernelSm80 {
             dsum[r] = valid ? dsum_ptr[m_block * kBlockM + row] : 0.f;
           }
           cp_async_wait<0>();
+          // The staged dQ's stores are visible to the copy engine (each writer fences its own, as late as
+          // possible: the fence waits for them).
+          if (bulk_dq && dq_staged >= 0) { fence_shared_for_bulk(); }
           __syncthreads();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
           if (bulk_dq) { flush_dq(); }
-          if (kStages == 2 && m_next >= 0) { load_q_do(m_next, buf ^ 1); }
 
           Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
           modifiers.init(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
                          mask.diagonal_offset());
           gemm_ss(acc_s, tSrQ, tSrK, thr_copy_a_sdp.partition_S(sQ(buf)), tSsK, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
+          if (kStages == 2 && m_next >= 0) { load_q(m_next, buf ^ 1); }
           // Softcap's derivative, 1 - tanh^2, multiplies dS (only the kernels with modifiers hold it).
           auto dtanh = [&] {
             if constexpr (kSoftcap) { return make_fragment_like(acc_s); } else { return 0; }
@@ -343,6 +354,7 @@ struct FlashBwdKernelSm80 {
           clear(acc_dp);
           gemm_ss(acc_dp, tdPrdO, tdPrV, thr_copy_a_sdp.partition_S(sdO(buf)), tdPsV, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
+          if (kStages == 2 && m_next >= 0) { load_do(m_next, buf ^ 1); }
           Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
           if (dropout_on) {
             keep_branch();
@@ -374,14 +386,15 @@ struct FlashBwdKernelSm80 {
           if (bulk_dq && tidx == 0) { bulk_wait_read<0>(); }  // sdq is free for this step's dQ
           __syncthreads();  // P and dS are in shared memory
 
+          // dQ first: its accumulator is written out after the dV and dK GEMMs, whose MMAs cover the dQ
+          // MMAs' latency, instead of stalling the stores right behind its own last MMAs.
+          Tensor acc_dq = partition_fragment_C(tiled_mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+          clear(acc_dq);
+          gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, tiled_mma_dq, copy_a_dq, copy_b_dq, tidx);
           gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, copy_b_dkv.get_thread_slice(tidx).partition_S(sdOt(buf)),
                   tiled_mma_dkv, copy_a_dkv, copy_b_dkv, tidx);
           gemm_ss(acc_dk, tdVrPt, tdVrdOt, tdKsdSt, copy_b_dkv.get_thread_slice(tidx).partition_S(sQt(buf)),
                   tiled_mma_dkv, copy_a_dkv, copy_b_dkv, tidx);
-
-          Tensor acc_dq = partition_fragment_C(tiled_mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-          clear(acc_dq);
-          gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, tiled_mma_dq, copy_a_dq, copy_b_dq, tidx);
           if (bulk_dq) {
             stage_dq(sdq, acc_dq, tdQcdQ, dq_row_flip);
             dq_staged = m_block;
@@ -432,6 +445,7 @@ struct FlashBwdKernelSm80 {
       Tensor rdV = convert_fragment<Element>(acc_dv);
       auto copy_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma_dkv);
       auto thr_copy_dkv = copy_dkv.get_thread_slice(tidx);
+      if (bulk_dq && dq_staged >= 0) { fence_shared_for_bulk(); }
       __syncthreads();  // every warp is done reading K and V (and has staged its last dQ)
       if (bulk_dq) { flush_dq(); }
       copy(copy_dkv, thr_copy_dkv.retile_S(rdK), thr_copy_dkv.partition_D(sK));
