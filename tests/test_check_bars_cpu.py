@@ -1,35 +1,25 @@
 """benchmarks/check_bars.py on a synthetic CSV: which configs it calls below their bar, and its exit status."""
 
-import csv
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_scripts import load_script, write_csv
 
 
 @pytest.fixture(scope="module")
 def check_bars():
-    spec = importlib.util.spec_from_file_location("check_bars", os.path.join(ROOT, "benchmarks", "check_bars.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("check_bars")
 
 
-def write_csv(path, rows):
+def write_attention_csv(path, rows):
     fields = ["backend", "pass", "dtype", "hdim", "causal", "seqlen", "tflops", "modifier"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for backend, hdim, causal, seqlen, tflops in rows:
-            writer.writerow(dict(backend=backend, **{"pass": "fwd"}, dtype="bf16", hdim=hdim, causal=causal,
-                                 seqlen=seqlen, tflops=tflops, modifier=""))
+    write_csv(path, fields, [dict(backend=backend, **{"pass": "fwd"}, dtype="bf16", hdim=hdim, causal=causal,
+                                  seqlen=seqlen, tflops=tflops, modifier="")
+                             for backend, hdim, causal, seqlen, tflops in rows])
 
 
 def test_reports_only_configs_below_their_bar(check_bars, tmp_path, capsys):
     path = tmp_path / "run.csv"
-    write_csv(path, [
+    write_attention_csv(path, [
         ("ours", 128, True, 1024, 99.0), ("sdpa_flash", 128, True, 1024, 100.0),    # 0.99 < 1.0: miss
         ("ours", 128, False, 4096, 101.0), ("sdpa_flash", 128, False, 4096, 100.0),  # met
         ("ours", 256, True, 2048, 91.0), ("sdpa_flash", 256, True, 2048, 100.0),     # 0.91 >= 0.9: met
@@ -45,7 +35,7 @@ def test_reports_only_configs_below_their_bar(check_bars, tmp_path, capsys):
 
 def test_passes_when_every_config_meets_its_bar(check_bars, tmp_path):
     path = tmp_path / "run.csv"
-    write_csv(path, [("ours", 64, True, 16384, 300.0), ("sdpa_flash", 64, True, 16384, 290.0)])
+    write_attention_csv(path, [("ours", 64, True, 16384, 300.0), ("sdpa_flash", 64, True, 16384, 290.0)])
     assert check_bars.main([str(path)]) == 0
     assert check_bars.main([str(path), "--pass", "bwd"]) == 1  # nothing of that pass: nothing checked
 
@@ -59,12 +49,9 @@ def test_decode_bars(check_bars, tmp_path, capsys):
         ("ours_dense_graph", 1, 4096, 0.85, 0.75),  # slower than SDPA
         ("sdpa_cudnn", 1, 4096, 0.99, 1.0),  # not ours: not checked
     ]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for backend, batch, seqlen, fraction, ratio in rows:
-            writer.writerow(dict(backend=backend, batch=batch, seqlen_cache=seqlen, ms=1.0, tb_per_s=1.0,
-                                 fraction_of_copy=fraction, ratio_vs_sdpa=ratio, note=""))
+    write_csv(path, fields, [dict(backend=backend, batch=batch, seqlen_cache=seqlen, ms=1.0, tb_per_s=1.0,
+                                  fraction_of_copy=fraction, ratio_vs_sdpa=ratio, note="")
+                             for backend, batch, seqlen, fraction, ratio in rows])
     assert check_bars.main([str(path), "--pass", "decode"]) == 1
     out = capsys.readouterr().out
     assert "ours_paged batch 64 cache 4096: 79.0% of copy" in out
