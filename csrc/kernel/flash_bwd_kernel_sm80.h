@@ -81,8 +81,8 @@ struct FlashBwdKernelSm80 {
   // (dq_accum_col in bwd_kernel_params.h), for one bulk reduction of the whole tile. The fragment is
   // (values, MMA_M, MMA_N), values (column, row half) of an m16n8 accumulator; fragments n and n + 1
   // (n even) are 2^kDqPairBit columns apart, so their column pairs form one 16-byte chunk.
-  // row_flip: dq_accum_row_flip of this thread's rows (all of one parity). Every writer fences
-  // (fence_shared_for_bulk) before the barrier ahead of the flush.
+  // row_flip: dq_accum_row_flip of this thread's rows (all of one parity). The tile goes out at the
+  // next barrier_flushing_dq.
   template <class TensorA, class TensorC>
   CUTE_DEVICE static void stage_dq(float* sdq, TensorA const& acc, TensorC const& coords, int row_flip) {
     static_assert(decltype(size<2>(acc))::value % 2 == 0, "fragments pair up along the head dim");
@@ -238,14 +238,21 @@ struct FlashBwdKernelSm80 {
     int const dq_row_flip = dq_accum_row_flip(binfo.lse_offset + get<0>(tdQcdQ(0)));
     float* const sdq = reinterpret_cast<float*>(smem_buf + Traits::kDqSmemOffset);
     int dq_staged = -1;  // the query block whose dQ waits in sdq, or -1
-    auto flush_dq = [&] {
-      if (tidx == 0 && dq_staged >= 0) {
-        int const rows = min(kBlockM, binfo.seqlen_q - dq_staged * kBlockM);
-        bulk_reduce_add_f32(dq_accum_ptr + int64_t(dq_staged) * kBlockM * kHeadDim, sdq,
-                            rows * kHeadDim * int(sizeof(float)));
-        bulk_commit();
+    // A CTA barrier that also hands the staged dQ tile, if any, to the copy engine: every writer fences its
+    // own staging stores just before it (as late as possible: the fence waits for them), thread 0 issues
+    // the reduction after it.
+    auto barrier_flushing_dq = [&] CUTLASS_LAMBDA_FUNC_INLINE {
+      if (bulk_dq && dq_staged >= 0) { fence_shared_for_bulk(); }
+      __syncthreads();
+      if (bulk_dq) {
+        if (tidx == 0 && dq_staged >= 0) {
+          int const rows = min(kBlockM, binfo.seqlen_q - dq_staged * kBlockM);
+          bulk_reduce_add_f32(dq_accum_ptr + int64_t(dq_staged) * kBlockM * kHeadDim, sdq,
+                              rows * kHeadDim * int(sizeof(float)));
+          bulk_commit();
+        }
+        dq_staged = -1;
       }
-      dq_staged = -1;
     };
 
     // Register -> shared for P and dS.
@@ -303,11 +310,7 @@ struct FlashBwdKernelSm80 {
             dsum[r] = valid ? dsum_ptr[m_block * kBlockM + row] : 0.f;
           }
           cp_async_wait<0>();
-          // The staged dQ's stores are visible to the copy engine (each writer fences its own, as late as
-          // possible: the fence waits for them).
-          if (bulk_dq && dq_staged >= 0) { fence_shared_for_bulk(); }
-          __syncthreads();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
-          if (bulk_dq) { flush_dq(); }
+          barrier_flushing_dq();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
 
           Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
           modifiers.init(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
@@ -445,9 +448,7 @@ struct FlashBwdKernelSm80 {
       Tensor rdV = convert_fragment<Element>(acc_dv);
       auto copy_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma_dkv);
       auto thr_copy_dkv = copy_dkv.get_thread_slice(tidx);
-      if (bulk_dq && dq_staged >= 0) { fence_shared_for_bulk(); }
-      __syncthreads();  // every warp is done reading K and V (and has staged its last dQ)
-      if (bulk_dq) { flush_dq(); }
+      barrier_flushing_dq();  // every warp is done reading K and V (and has staged its last dQ)
       copy(copy_dkv, thr_copy_dkv.retile_S(rdK), thr_copy_dkv.partition_D(sK));
       copy(copy_dkv, thr_copy_dkv.retile_S(rdV), thr_copy_dkv.partition_D(sV));
       __syncthreads();
