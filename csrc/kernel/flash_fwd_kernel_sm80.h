@@ -52,7 +52,7 @@ struct FlashFwdKernelSm80 {
   // One flat grid dimension (x allows 2^31 - 1 blocks; y and z only 65535, less than batch or heads may
   // be). Without a mask every CTA has the same work and the query blocks of one (batch, head) are
   // consecutive, so they share K and V in L2. Under a causal or window mask the work grows with the
-  // query block, and head dims >= 96 run longest first (see operator()).
+  // query block, and head dims >= 64 run longest first (see operator()).
   static int64_t num_blocks(Params const& p) {
     return int64_t(num_m_blocks(p.seqlen_q)) * num_splits(p) * p.num_heads * p.batch;
   }
@@ -64,17 +64,18 @@ struct FlashFwdKernelSm80 {
     int bhs = int(blockIdx.x) / m_blocks;
     // The last query blocks do the most work under a mask (and as much without one): they go first.
     int m_block = m_blocks - 1 - (int(blockIdx.x) - bhs * m_blocks);
-    // Longest first over all heads where it was measured to pay, head dims >= 96 (H200, causal, bf16,
-    // ratio to SDPA-flash at 1k / 2k / 4k / 16k keys: hdim 128 1.04 / 1.05 / 1.08 / 1.12 head by head,
-    // 1.05 / 1.10 / 1.12 / 1.14 longest first; hdim 256 0.79 / 0.88 / 0.90 / 1.04 -> 0.92 / 0.98 / 1.02 /
-    // 1.05; hdim 96, one run, 0.92 / 0.95 / 0.97 / 1.01 -> 0.90 / 0.97 / 1.03 / 1.07). hdim 64 (128 x 64
-    // then) fell from 1.00 / 0.97 / 0.99 / 1.01 to 0.94 / 0.92 / 0.97 / 1.01: a head's CTAs run apart in
-    // time, K and V come from HBM, and its 2-MFLOP steps with one tile in flight cannot cover that
-    // latency; groups of heads that fit in L2 only brought it back to 1.00 / 0.99 / 0.99 / 1.02 while they
-    // cost hdim 128 and 256 most of their gain. Below 96 the grid stays head by head.
-    constexpr bool kLongestFirst = kMask != MaskMode::kNone && !kKVCache && kHeadDim >= 96;
+    // Longest first under a mask (H200, causal, bf16, ratio to SDPA-flash at 1k / 2k / 4k / 16k keys): hdim
+    // 128 1.04 / 1.05 / 1.08 / 1.12 head by head, 1.05 / 1.10 / 1.12 / 1.14 longest first over all heads;
+    // hdim 256 0.79 / 0.88 / 0.90 / 1.04 -> 0.92 / 0.98 / 1.02 / 1.05; hdim 96, one run, 0.92 / 0.95 / 0.97 /
+    // 1.01 -> 0.90 / 0.97 / 1.03 / 1.07. hdim 64 lost over all heads (its CTAs of one head run apart in time,
+    // K and V come from HBM, and its short steps cannot cover that latency), so it goes longest first within
+    // groups of heads whose K and V fit in about half an L2 (longest_first's budget): with the 128 x 128
+    // tile, same-run A/B against head by head, 1.02 / 0.99 / 1.00 / 1.035 -> 1.04 / 1.00 / 1.02 / 1.04
+    // (PERF_LOG b12). Groups cost hdim 128 and 256 most of their gain (measured in v8): they keep one group.
+    constexpr bool kLongestFirst = kMask != MaskMode::kNone && !kKVCache && kHeadDim >= 64;
     if constexpr (kLongestFirst) {
-      GridSlot const slot = longest_first(int(blockIdx.x), m_blocks, params.num_heads * params.batch, 0);
+      int64_t const kv_bytes = kHeadDim >= 96 ? 0 : int64_t(params.seqlen_k) * kHeadDim * 2 * int64_t(sizeof(Element));
+      GridSlot const slot = longest_first(int(blockIdx.x), m_blocks, params.num_heads * params.batch, kv_bytes);
       bhs = slot.bh;
       m_block = m_blocks - 1 - slot.rank;
     }
