@@ -27,8 +27,9 @@ namespace flash_attn2 {
 using namespace cute;
 
 // kMods: the score modifiers compiled in (Modifiers in params.h; collective/score_mod.h); dropout only
-// with kAll.
-template <class Traits, MaskMode kMask, Modifiers kMods>
+// with kAll. kEarlyLoads: a step issues the next query block's Q and dO at its start, not between its
+// GEMMs (the deterministic mode's kernels of the plain family; see the step).
+template <class Traits, MaskMode kMask, Modifiers kMods, bool kEarlyLoads = false>
 struct FlashBwdKernelSm80 {
   static constexpr bool kModifiers = kMods != Modifiers::kPlain;
   static constexpr bool kSoftcap = ScoreModifiers<kMods>::kSoftcap;
@@ -169,8 +170,7 @@ struct FlashBwdKernelSm80 {
     Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
     // Q and dO of a query block, one commit group (dO's load closes it). A step with two stages issues
-    // the next block's Q after its S GEMM and dO after its dP GEMM, not both at once at its start, where
-    // their copies would queue in front of the S GEMM's shared loads.
+    // the next block's Q after its S GEMM and dO after its dP GEMM (kEarlyLoads: both at its start).
     auto load_q = [&](int m_block, int buf) {
       copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{})),
                       gmem_thr_copy.partition_D(sQ(buf)), tQcQ, binfo.seqlen_q - m_block * kBlockM, head_dim);
@@ -311,13 +311,21 @@ struct FlashBwdKernelSm80 {
           }
           cp_async_wait<0>();
           barrier_flushing_dq();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
+          // Where the next query block's Q and dO load: after the S and the dP GEMM; issued together here,
+          // their copies queue in front of the S GEMM's ldmatrix (ncu, hdim 96: mio_throttle 2.00 cycles
+          // per issue here, 0.74 spread; PERF_LOG b11). The deterministic mode loads here (PERF_LOG b12:
+          // its cost over the backward 1.12-1.32x -> 1.05-1.19x), likely because its splits' private dQ
+          // slices crowd Q and dO out of L2, so the loads wait on DRAM and need the whole step.
+          if constexpr (kEarlyLoads) {
+            if (kStages == 2 && m_next >= 0) { load_q_do(m_next, buf ^ 1); }
+          }
 
           Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
           modifiers.init(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
                          mask.diagonal_offset());
           gemm_ss(acc_s, tSrQ, tSrK, thr_copy_a_sdp.partition_S(sQ(buf)), tSsK, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
-          if (kStages == 2 && m_next >= 0) { load_q(m_next, buf ^ 1); }
+          if (!kEarlyLoads && kStages == 2 && m_next >= 0) { load_q(m_next, buf ^ 1); }
           // Softcap's derivative, 1 - tanh^2, multiplies dS (only the kernels with modifiers hold it).
           auto dtanh = [&] {
             if constexpr (kSoftcap) { return make_fragment_like(acc_s); } else { return 0; }
@@ -357,7 +365,7 @@ struct FlashBwdKernelSm80 {
           clear(acc_dp);
           gemm_ss(acc_dp, tdPrdO, tdPrV, thr_copy_a_sdp.partition_S(sdO(buf)), tdPsV, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
-          if (kStages == 2 && m_next >= 0) { load_do(m_next, buf ^ 1); }
+          if (!kEarlyLoads && kStages == 2 && m_next >= 0) { load_do(m_next, buf ^ 1); }
           Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
           if (dropout_on) {
             keep_branch();

@@ -31,6 +31,21 @@ inline bool bulk_dq_available(int smem_bytes) {
   return major >= 9 && smem_bytes <= optin;
 }
 
+// The main kernel's launch (its shared memory opt-in, then the grid).
+template <class Kernel>
+cudaError_t launch_bwd_main(BwdKernelParams const& kp, int smem_bytes, cudaStream_t stream) {
+  auto kernel = &device_kernel<Kernel, BwdKernelParams>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) { return err; }
+  int64_t const blocks = int64_t(kp.num_splits) * kp.num_heads * kp.batch;
+  if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
+  if (blocks > 0) {
+    kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, smem_bytes, stream>>>(kp);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
 template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   using Element = ElementOf<kDType>;
@@ -53,16 +68,19 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   }
 
   int const smem_bytes = kp.bulk_dq ? Traits::kBulkDqSmemBytes : Kernel::kSmemBytes;
-  auto kernel = &device_kernel<Kernel, BwdKernelParams>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-  if (err != cudaSuccess) { return err; }
-  int64_t const blocks = int64_t(params.num_splits) * params.num_heads * params.batch;
-  if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
-  if (blocks > 0) {
-    kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, smem_bytes, stream>>>(kp);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) { return err; }
+  // Deterministic calls of the plain family with two Q/dO stages take the early-loads kernel
+  // (FlashBwdKernelSm80's kEarlyLoads): a second kernel of each such instantiation rather than a run-time
+  // switch, which cost the other kernels registers (spills 116 -> 152 B at hdim 64). Same-run A/B (PERF_LOG
+  // b12, bf16 hdim 64 / 128): deterministic / default backward time 1.12-1.32x -> 1.05-1.19x. The modifier
+  // families keep one kernel for both.
+  cudaError_t err = cudaSuccess;
+  if constexpr (kMods == Modifiers::kPlain && Traits::kStages == 2) {
+    err = params.deterministic ? launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream)
+                               : launch_bwd_main<Kernel>(kp, smem_bytes, stream);
+  } else {
+    err = launch_bwd_main<Kernel>(kp, smem_bytes, stream);
   }
+  if (err != cudaSuccess) { return err; }
 
   if (params.lse_rows > 0) {
     bwd_postprocess_kernel<Element, kHeadDim>
