@@ -38,11 +38,12 @@ CUTE_DEVICE void copy_tile(TiledCopy const& tiled_copy, TensorS const& src, Tens
   }
 }
 
-// copy_tile for a tile whose rows live at unrelated addresses (a paged KV cache): the thread's m-th row
-// (of its CPY_ROWS) starts at row_ptr(m), or is outside the source when that is nullptr (zero-filled, as
-// copy_tile<true> does). Indexing by the thread's row slot lets a caller look the addresses up ahead of
-// time, one register per slot. src_like is the same thread's partition of any strided tile with this
-// tile's column layout: only its per-access (CPY) layout is used, never its addresses.
+// copy_tile<true> for a tile whose rows live at unrelated addresses (a paged KV cache): the thread's m-th
+// row (of its CPY_ROWS) starts at row_ptr(m), or is outside the source when that is nullptr. Indexing by
+// the thread's row slot lets a caller look the addresses up ahead of time, one register per slot.
+// src_like is the same thread's partition of any strided tile with this tile's column layout: its
+// per-access (CPY) layout shapes every copy, and its (valid, unread) address stands in as the source of
+// a zero-filled vector. tiled_copy must be the zero-fill atom (Sm80GmemCopy::Load).
 template <class TiledCopy, class TensorS, class TensorD, class TensorC, class RowPtr>
 CUTE_DEVICE void copy_rows(TiledCopy const& tiled_copy, TensorS const& src_like, TensorD&& dst, TensorC const& identity,
                            RowPtr const& row_ptr, int max_cols) {
@@ -55,11 +56,9 @@ CUTE_DEVICE void copy_rows(TiledCopy const& tiled_copy, TensorS const& src_like,
     CUTE_UNROLL
     for (int k = 0; k < size<2>(src_like); ++k) {
       int const col = get<1>(identity(0, m, k));
-      if (row != nullptr && col < max_cols) {
-        copy(tiled_copy, make_tensor(make_gmem_ptr(row + col), src_like(_, m, k).layout()), dst(_, m, k));
-      } else {
-        clear(dst(_, m, k));
-      }
+      bool const in = row != nullptr && col < max_cols;
+      auto const* const src = in ? row + col : raw_pointer_cast(src_like(_, m, k).data());
+      copy(tiled_copy.with(in), make_tensor(make_gmem_ptr(src), src_like(_, m, k).layout()), dst(_, m, k));
     }
   }
 }
