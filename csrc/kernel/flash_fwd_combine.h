@@ -11,6 +11,7 @@
 
 #include <cute/config.hpp>
 
+#include "common/grid_dependency.h"
 #include "flash_attn2/flash_attn2.h"
 #include "flash_attn2/params.h"
 
@@ -46,6 +47,7 @@ __global__ void __launch_bounds__(kThreads) kvcache_combine_kernel(CUTE_GRID_CON
   int const batch = int(row / p.seqlen_q / p.num_heads);
   int64_t const split_stride = int64_t(p.batch) * p.num_heads * p.seqlen_q;
   int const splits = p.num_splits;
+  grid_dependency_wait();  // the attention kernel's partial outputs (run_kvcache launches us dependent)
 
   float local_max = -INFINITY;
   for (int s = threadIdx.x; s < splits; s += kThreads) {

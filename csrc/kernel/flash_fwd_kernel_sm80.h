@@ -19,6 +19,7 @@
 #include "collective/score_mod.h"
 #include "collective/softmax.h"
 #include "collective/utils.h"
+#include "common/grid_dependency.h"
 #include "flash_attn2/params.h"
 
 namespace flash_attn2 {
@@ -58,6 +59,11 @@ struct FlashFwdKernelSm80 {
   }
 
   CUTE_DEVICE void operator()(Params const& params, char* smem_buf) const {
+    if constexpr (kKVCache) {
+      // Launched dependent on the append (run_kvcache): its writes first; then the combine may launch.
+      grid_dependency_wait();
+      grid_launch_dependents();
+    }
     int const tidx = threadIdx.x;
     int const m_blocks = num_m_blocks(params.seqlen_q);
     int const splits = num_splits(params);

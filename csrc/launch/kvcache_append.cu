@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/grid_dependency.h"
 #include "common/strings.h"
 #include "flash_attn2/flash_attn2.h"
 
@@ -55,6 +56,7 @@ __device__ void rotate_row(KVCacheAppendParams const& p, T const* src, T* dst, i
 // (batch, row, head) into q_rotated.
 template <class T>
 __global__ void __launch_bounds__(kThreads) kvcache_append_kernel(KVCacheAppendParams const p) {
+  grid_launch_dependents();  // the attention kernel may start now: it waits for our writes (grid_dependency.h)
   int const idx = blockIdx.x;
   if (blockIdx.y == 0) {
     if (idx >= p.batch * p.seqlen_new * p.num_heads_k) { return; }

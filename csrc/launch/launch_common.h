@@ -9,6 +9,7 @@
 #include <cute/config.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "common/grid_dependency.h"
 #include "flash_attn2/params.h"
 
 namespace flash_attn2 {
@@ -44,14 +45,43 @@ cudaError_t opt_in_smem() {
   return cudaSuccess;
 }
 
-// Launches Kernel on its flat grid of Kernel::num_blocks(params) CTAs.
-template <class Kernel, class Params>
+// Launches kernel with a programmatic dependency on the kernel before it in the stream where the device has
+// them (sm_90+; common/grid_dependency.h: the kernel must call grid_dependency_wait() before its first
+// access to memory), else as an ordinary launch.
+template <class... Args>
+cudaError_t launch_dependent(void (*kernel)(Args...), dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
+                             Args const&... args) {
+  int major = 0;
+  if (cudaError_t const err = current_device_attribute(cudaDevAttrComputeCapabilityMajor, major);
+      err != cudaSuccess) {
+    return err;
+  }
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = size_t(smem_bytes);
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+// Launches Kernel on its flat grid of Kernel::num_blocks(params) CTAs; kDependent: through launch_dependent.
+template <class Kernel, class Params, bool kDependent = false>
 cudaError_t launch_flat(Params const& params, cudaStream_t stream) {
   if (cudaError_t const err = opt_in_smem<Kernel, Params>(); err != cudaSuccess) { return err; }
   int64_t const blocks = Kernel::num_blocks(params);
   if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
-  device_kernel<Kernel, Params><<<dim3(unsigned(blocks)), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
-  return cudaGetLastError();
+  if constexpr (kDependent) {
+    return launch_dependent(&device_kernel<Kernel, Params>, dim3(unsigned(blocks)), Kernel::kNThreads,
+                            Kernel::kSmemBytes, stream, params);
+  } else {
+    device_kernel<Kernel, Params><<<dim3(unsigned(blocks)), Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(params);
+    return cudaGetLastError();
+  }
 }
 
 // How many CTAs of Kernel one SM of the current device holds (at least 1): the KV-cache split heuristic

@@ -55,13 +55,13 @@ template <DType kDType, int kHeadDim, MaskMode kMask>
 cudaError_t run_kvcache(KVCacheParams const& params, cudaStream_t stream) {
   return with_kvcache_tiles<kDType, kHeadDim, kMask>([&](auto traits) {
     using Kernel = KVCacheKernelOf<kMask, decltype(traits)>;
-    cudaError_t const err = launch_flat<Kernel>(params, stream);
+    // Both launches overlap the start of each with the end of the kernel before it (launch_dependent).
+    cudaError_t const err = launch_flat<Kernel, KVCacheParams, /*kDependent=*/true>(params, stream);
     if (err != cudaSuccess || params.num_splits <= 1) { return err; }
     int64_t const rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
     if (rows > INT32_MAX) { return cudaErrorInvalidConfiguration; }
-    kvcache_combine_kernel<ElementOf<kDType>, kCombineThreads><<<dim3(unsigned(rows)), kCombineThreads, 0, stream>>>(
-        params);
-    return cudaGetLastError();
+    return launch_dependent(&kvcache_combine_kernel<ElementOf<kDType>, kCombineThreads>, dim3(unsigned(rows)),
+                            kCombineThreads, 0, stream, params);
   });
 }
 
