@@ -313,7 +313,7 @@ struct FlashBwdKernelSm80 {
           barrier_flushing_dq();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
           // Where the next query block's Q and dO load: after the S and the dP GEMM; issued together here,
           // their copies queue in front of the S GEMM's ldmatrix (ncu, hdim 96: mio_throttle 2.00 cycles
-          // per issue here, 0.74 spread; PERF_LOG b11). The deterministic mode loads here (PERF_LOG b12:
+          // per issue here, 0.74 spread; PERF_LOG b11). The deterministic mode loads here (PERF_LOG b13:
           // its cost over the backward 1.12-1.32x -> 1.05-1.19x), likely because its splits' private dQ
           // slices crowd Q and dO out of L2, so the loads wait on DRAM and need the whole step.
           if constexpr (kEarlyLoads) {

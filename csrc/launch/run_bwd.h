@@ -71,7 +71,7 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   // Deterministic calls of the plain family with two Q/dO stages take the early-loads kernel
   // (FlashBwdKernelSm80's kEarlyLoads): a second kernel of each such instantiation rather than a run-time
   // switch, which cost the other kernels registers (spills 116 -> 152 B at hdim 64). Same-run A/B (PERF_LOG
-  // b12, bf16 hdim 64 / 128): deterministic / default backward time 1.12-1.32x -> 1.05-1.19x. The modifier
+  // b13, bf16 hdim 64 / 128): deterministic / default backward time 1.12-1.32x -> 1.05-1.19x. The modifier
   // families keep one kernel for both.
   cudaError_t err = cudaSuccess;
   if constexpr (kMods == Modifiers::kPlain && Traits::kStages == 2) {
