@@ -6,6 +6,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -417,10 +418,7 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd_kvcache(
     a.rotary_interleaved = rotary_interleaved;
     a.q_positions_advance = causal || window_left >= 0 || window_right >= 0;
   }
-  if (seqlen_new > 0 || rotary_dim > 0) {
-    Status const appended = kvcache_append(a, stream);
-    TORCH_CHECK(appended.ok(), appended.message);
-  }
+  bool const appends = seqlen_new > 0 || rotary_dim > 0;  // launched below, once the splits are known
 
   // 2. Attention over the cache. One query row sees every key up to the last whatever causal or a right
   // window say, so decoding without a left window or ALiBi (both depend on the row's position) packs the
@@ -479,6 +477,22 @@ std::tuple<at::Tensor, at::Tensor> mha_fwd_kvcache(
     lse_accum = at::empty({int64_t(kvcache_lse_accum_floats(p))}, q.options().dtype(at::kFloat));
     p.out_accum = out_accum.data_ptr<float>();
     p.lse_accum = lse_accum.data_ptr<float>();
+  }
+  // Decoding with splits: the attention kernel combines them itself, on tickets the append zeroes (or a
+  // memset, without an append), so a decode step is two kernels.
+  at::Tensor tickets;
+  if (size_t const num_tickets = kvcache_split_tickets(p); num_tickets > 0) {
+    tickets = appends ? at::empty({int64_t(num_tickets)}, q.options().dtype(at::kInt))
+                      : at::zeros({int64_t(num_tickets)}, q.options().dtype(at::kInt));
+    p.split_tickets = tickets.data_ptr<int>();
+    if (appends) {
+      a.zero_ints = p.split_tickets;
+      a.zero_count = int(num_tickets);
+    }
+  }
+  if (appends) {
+    Status const appended = kvcache_append(a, stream);
+    TORCH_CHECK(appended.ok(), appended.message);
   }
   Status const status = fwd_kvcache(p, stream);
   TORCH_CHECK(status.ok(), status.message);

@@ -85,4 +85,61 @@ __global__ void __launch_bounds__(kThreads) kvcache_combine_kernel(CUTE_GRID_CON
   if (threadIdx.x == 0) { p.softmax_lse[row] = lse; }
 }
 
+// The same merge done by the split CTA that finishes a query tile last (KVCacheParams::split_tickets):
+// one warp per row, lanes across the splits for the lse and across the head dim (4 columns each) for O.
+// The partials come from other SMs: they are read through L2 (ld.global.cg), after the ticket's fence.
+// row: the tile row's index into softmax_lse (and into each split's slice of the accumulators); out_row:
+// its output row. weight: kMaxKVCacheSplits floats of shared memory for this warp. head_dim % 4 == 0.
+template <class Element>
+__device__ void combine_row_warp(KVCacheParams const& p, int64_t row, Element* out_row, float* weight) {
+  constexpr int kPerLane = kMaxKVCacheSplits / 32;
+  int const lane = threadIdx.x % 32;
+  int const splits = p.num_splits;
+  int64_t const split_stride = int64_t(p.batch) * p.num_heads * p.seqlen_q;
+  float l[kPerLane];
+  float local_max = -INFINITY;
+  CUTE_UNROLL
+  for (int j = 0; j < kPerLane; ++j) {
+    int const s = lane + 32 * j;
+    l[j] = s < splits ? __ldcg(p.lse_accum + s * split_stride + row) : INFINITY;
+    if (l[j] != INFINITY) { local_max = fmaxf(local_max, l[j]); }
+  }
+  CUTE_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) {
+    local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffff, local_max, offset));
+  }
+  float sum = 0.f;
+  CUTE_UNROLL
+  for (int j = 0; j < kPerLane; ++j) { sum += l[j] != INFINITY ? expf(l[j] - local_max) : 0.f; }
+  CUTE_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) { sum += __shfl_xor_sync(0xffffffff, sum, offset); }
+  bool const empty = sum == 0.f;
+  float const lse = empty ? INFINITY : local_max + logf(sum);
+  CUTE_UNROLL
+  for (int j = 0; j < kPerLane; ++j) {
+    int const s = lane + 32 * j;
+    if (s < splits) { weight[s] = l[j] == INFINITY || empty ? 0.f : expf(l[j] - lse); }
+  }
+  __syncwarp();
+  float const* const partial = p.out_accum + row * p.head_dim;
+  int64_t const partial_stride = split_stride * p.head_dim;
+  for (int col = lane * 4; col < p.head_dim; col += 128) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) {
+      float const w = weight[s];
+      if (w != 0.f) {  // a split without keys weighs nothing, whatever its slot holds
+        float4 const o = __ldcg(reinterpret_cast<float4 const*>(partial + s * partial_stride + col));
+        acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
+      }
+    }
+    out_row[col] = Element(acc.x);
+    out_row[col + 1] = Element(acc.y);
+    out_row[col + 2] = Element(acc.z);
+    out_row[col + 3] = Element(acc.w);
+  }
+  if (lane == 0) { p.softmax_lse[row] = lse; }
+  __syncwarp();  // weight is free again
+}
+
 }  // namespace flash_attn2

@@ -21,6 +21,7 @@
 #include "collective/utils.h"
 #include "common/grid_dependency.h"
 #include "flash_attn2/params.h"
+#include "kernel/flash_fwd_combine.h"
 
 namespace flash_attn2 {
 
@@ -56,6 +57,32 @@ struct FlashFwdKernelSm80 {
   // query block, and head dims >= 64 run longest first (see operator()).
   static int64_t num_blocks(Params const& p) {
     return int64_t(num_m_blocks(p.seqlen_q)) * num_splits(p) * p.num_heads * p.batch;
+  }
+
+  // The fused split combine (KVCacheParams::split_tickets; the dispatcher sets it only for tiles of at
+  // most kFusedCombineMaxRows rows, one tile per (batch, head)): every split CTA takes a ticket once its
+  // partials are out (each thread's stores fenced first), and the one that takes the last merges the
+  // tile's rows, a warp per row, in place of the combine kernel (PERF_LOG b16).
+  template <class BlockInfoT>
+  CUTE_DEVICE static void combine_if_last(Params const& params, BlockInfoT const& binfo, int bh, int m_block,
+                                          int rows_q, char* smem_buf) {
+    static_assert(kBlockM >= kFusedCombineMaxRows, "one query tile per (batch, head)");
+    static_assert(Traits::kNWarps * kMaxKVCacheSplits * sizeof(float) <= sizeof(SharedStorage), "weights fit");
+    __threadfence();  // this thread's partial output and lse, before the ticket
+    int prev = 0;
+    if (threadIdx.x == 0) { prev = atomicAdd(params.split_tickets + bh, 1); }
+    if (!__syncthreads_or(threadIdx.x == 0 && prev == num_splits(params) - 1)) { return; }
+    __threadfence();  // the other splits' partials, after their tickets
+    cp_async_wait<0>();  // shared memory is free (no copy still lands in it)
+    __syncthreads();
+    int const warp = int(threadIdx.x) / 32;
+    float* const weight = reinterpret_cast<float*>(smem_buf) + warp * kMaxKVCacheSplits;
+    Element* const out = static_cast<Element*>(params.out) + binfo.out_offset;
+    int const rows = min(rows_q, kBlockM);
+    for (int r = warp; r < rows; r += Traits::kNWarps) {
+      int const i = m_block * kBlockM + r;
+      combine_row_warp<Element>(params, binfo.lse_offset + i, out + int64_t(i) * params.out_row_stride, weight);
+    }
   }
 
   CUTE_DEVICE void operator()(Params const& params, char* smem_buf) const {
@@ -432,6 +459,7 @@ struct FlashFwdKernelSm80 {
           int const col = get<1>(tOcO(i));
           if (row < rows_q && col < head_dim) { o_accum[int64_t(row) * head_dim + col] = acc_o(i); }
         }
+        if (params.split_tickets != nullptr) { combine_if_last(params, binfo, bh, m_block, rows_q, smem_buf); }
         return;
       }
     }

@@ -398,6 +398,11 @@ size_t kvcache_lse_accum_floats(KVCacheParams const& p) {
   return p.num_splits <= 1 ? 0 : size_t(p.num_splits) * p.batch * p.num_heads * p.seqlen_q;
 }
 
+size_t kvcache_split_tickets(KVCacheParams const& p) {
+  bool const fused = p.num_splits > 1 && p.seqlen_q <= kFusedCombineMaxRows && p.head_dim % 4 == 0;
+  return fused ? size_t(p.batch) * p.num_heads : 0;  // one query tile per (batch, head)
+}
+
 Status fwd_kvcache(KVCacheParams const& p, cudaStream_t stream) {
   KVCacheKernel const* kernel = nullptr;
   if (Status const planned = plan_kvcache(p, kernel); !planned.ok()) { return planned; }
@@ -411,7 +416,14 @@ Status fwd_kvcache(KVCacheParams const& p, cudaStream_t stream) {
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) { return {}; }
   KVCacheKernelInfo const info = kernel->info();
   if (Status const fits = check_smem("kvcache", kernel->head_dim, info.smem_bytes); !fits.ok()) { return fits; }
-  cudaError_t const status = kernel->run(p, stream);
+  cudaError_t status = cudaSuccess;
+  if (p.split_tickets != nullptr && kvcache_split_tickets(p) == 0) {
+    KVCacheParams unfused = p;  // too many rows for the kernel's own combine: the combine kernel
+    unfused.split_tickets = nullptr;
+    status = kernel->run(unfused, stream);
+  } else {
+    status = kernel->run(p, stream);
+  }
   if (status != cudaSuccess) {
     return {str_cat("flash_attn2: KV-cache kernel launch failed: ", cudaGetErrorString(status))};
   }

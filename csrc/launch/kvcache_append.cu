@@ -58,6 +58,9 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) kvcache_append_kernel(KVCacheAppendParams const p) {
   grid_launch_dependents();  // the attention kernel may start now: it waits for our writes (grid_dependency.h)
   int const idx = blockIdx.x;
+  if (idx == 0 && blockIdx.y == 0) {
+    for (int t = threadIdx.x; t < p.zero_count; t += kThreads) { p.zero_ints[t] = 0; }
+  }
   if (blockIdx.y == 0) {
     if (idx >= p.batch * p.seqlen_new * p.num_heads_k) { return; }
     int const head = idx % p.num_heads_k;
@@ -120,7 +123,11 @@ Status kvcache_append(KVCacheAppendParams const& p, cudaStream_t stream) {
   }
   int64_t const kv_rows = int64_t(p.batch) * p.seqlen_new * p.num_heads_k;
   int64_t const q_rows = p.rotary_dim > 0 ? int64_t(p.batch) * p.seqlen_q * p.num_heads : 0;
-  int64_t const rows = kv_rows > q_rows ? kv_rows : q_rows;
+  int64_t rows = kv_rows > q_rows ? kv_rows : q_rows;
+  if (p.zero_count > 0) {
+    if (p.zero_ints == nullptr) { return {"flash_attn2: kvcache_append: zero_count > 0 needs zero_ints"}; }
+    rows = rows > 0 ? rows : 1;
+  }
   if (rows == 0) { return {}; }
   if (rows > INT32_MAX) { return {"flash_attn2: kvcache_append: too many rows for one launch"}; }
   dim3 const grid(unsigned(rows), q_rows > 0 ? 2u : 1u);

@@ -57,7 +57,8 @@ cudaError_t run_kvcache(KVCacheParams const& params, cudaStream_t stream) {
     using Kernel = KVCacheKernelOf<kMask, decltype(traits)>;
     // Both launches overlap the start of each with the end of the kernel before it (launch_dependent).
     cudaError_t const err = launch_flat<Kernel, KVCacheParams, /*kDependent=*/true>(params, stream);
-    if (err != cudaSuccess || params.num_splits <= 1) { return err; }
+    // With split tickets the attention kernel's last split CTA of each tile merged the splits itself.
+    if (err != cudaSuccess || params.num_splits <= 1 || params.split_tickets != nullptr) { return err; }
     int64_t const rows = int64_t(params.batch) * params.num_heads * params.seqlen_q;
     if (rows > INT32_MAX) { return cudaErrorInvalidConfiguration; }
     return launch_dependent(&kvcache_combine_kernel<ElementOf<kDType>, kCombineThreads>, dim3(unsigned(rows)),

@@ -29,6 +29,10 @@ inline constexpr char kVersion[] = "0.1.0";
 // shared memory.
 inline constexpr int kMaxKVCacheSplits = 256;
 
+// The most query rows (after GQA packing) whose splits the attention kernel combines itself, given
+// KVCacheParams::split_tickets: one warp merges a row, so many rows would serialise.
+inline constexpr int kFusedCombineMaxRows = 16;
+
 // An error status with a message; empty on success.
 struct Status {
   std::string message;
@@ -90,6 +94,10 @@ int kvcache_num_splits(KVCacheParams const& params);
 // fp32 elements of out_accum and of lse_accum for params.num_splits (0 when it is 1).
 size_t kvcache_out_accum_floats(KVCacheParams const& params);
 size_t kvcache_lse_accum_floats(KVCacheParams const& params);
+
+// int32 tickets of KVCacheParams::split_tickets for these params: 0 where the kernel would not take them
+// (num_splits 1, more than kFusedCombineMaxRows query rows, a head dim not a multiple of 4).
+size_t kvcache_split_tickets(KVCacheParams const& params);
 
 // Appends new keys/values to a KV cache in place and rotates q (see KVCacheAppendParams).
 Status kvcache_append(KVCacheAppendParams const& params, cudaStream_t stream);

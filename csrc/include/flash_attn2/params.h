@@ -123,6 +123,11 @@ struct KVCacheParams : FwdParams {
   int num_splits = 1;
   float* __restrict__ out_accum = nullptr;
   float* __restrict__ lse_accum = nullptr;
+  // Optional, for num_splits > 1 with few query rows (seqlen_q <= kFusedCombineMaxRows: decoding): int32
+  // zeros, kvcache_split_tickets(*this) of them (kvcache_append can zero them: its zero_ints). Each split
+  // CTA of a query tile takes a ticket when its partials are written; the last one merges them, so no
+  // combine kernel runs. null, or more rows: the combine kernel. The tickets are left nonzero.
+  int* __restrict__ split_tickets = nullptr;
 };
 
 // Writes new keys and values into a KV cache in place (flash_attn_with_kvcache's k, v), applying rotary
@@ -173,6 +178,11 @@ struct KVCacheAppendParams {
   int seqlen_ro = 0;
   bool rotary_interleaved = true;
   bool q_positions_advance = false;
+
+  // Optional: zero_count int32 set to 0 by the same launch (the tickets of the fwd_kvcache that follows:
+  // KVCacheParams::split_tickets), which saves the decode step a memset.
+  int* __restrict__ zero_ints = nullptr;
+  int zero_count = 0;
 };
 
 // Backward attention: the forward's inputs (FwdParams part: q, k, v, out, softmax_lse, strides, sizes,
