@@ -105,9 +105,12 @@ struct FlashFwdKernelSm80 {
     // groups of heads whose K and V fit in about half an L2 (longest_first's budget): with the 128 x 128
     // tile, same-run A/B against head by head, 1.02 / 0.99 / 1.00 / 1.035 -> 1.04 / 1.00 / 1.02 / 1.04
     // (PERF_LOG b12). Groups cost hdim 128 and 256 most of their gain (measured in v8): they keep one group.
+    // hdim 96 groups up to 2k keys only (A/B, causal, bf16 / fp16 at 1k 2k 4k 16k, PERF_LOG b17: groups
+    // 0.93 -> 0.94 / 0.91 -> 0.95 at 1k, +1-3% at 2k, but -3% at 4k and -5% at 16k).
     constexpr bool kLongestFirst = kMask != MaskMode::kNone && !kKVCache && kHeadDim >= 64;
     if constexpr (kLongestFirst) {
-      int64_t const kv_bytes = kHeadDim >= 96 ? 0 : int64_t(params.seqlen_k) * kHeadDim * 2 * int64_t(sizeof(Element));
+      bool const grouped = kHeadDim == 64 || (kHeadDim == 96 && params.seqlen_k <= 2048);
+      int64_t const kv_bytes = grouped ? int64_t(params.seqlen_k) * kHeadDim * 2 * int64_t(sizeof(Element)) : 0;
       GridSlot const slot = longest_first(int(blockIdx.x), m_blocks, params.num_heads * params.batch, kv_bytes);
       bhs = slot.bh;
       m_block = m_blocks - 1 - slot.rank;
