@@ -328,7 +328,7 @@ struct FlashBwdKernelSm80 {
           if (!kEarlyLoads && kStages == 2 && m_next >= 0) { load_q(m_next, buf ^ 1); }
           // Softcap's derivative, 1 - tanh^2, multiplies dS (only the kernels with modifiers hold it).
           auto dtanh = [&] {
-            if constexpr (kSoftcap) { return make_fragment_like(acc_s); } else { return 0; }
+            if constexpr (kSoftcap) { return PackedDtanh<decltype(size(acc_s))::value>{}; } else { return 0; }
           }();
           if constexpr (kModifiers) {
             modifiers.apply<true>(acc_s, dtanh, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM,
@@ -389,7 +389,11 @@ struct FlashBwdKernelSm80 {
             if (modifiers.softcap_on) {
               if constexpr (kMods == Modifiers::kAll) { keep_branch(); }
               CUTE_UNROLL
-              for (int i = 0; i < size(acc_dp); ++i) { acc_dp(i) *= dtanh(i); }
+              for (int i = 0; i < size(acc_dp); i += 2) {
+                float2 const d = dtanh.get(i);
+                acc_dp(i) *= d.x;
+                acc_dp(i + 1) *= d.y;
+              }
             }
           }
           Tensor rdS = convert_fragment<Element>(acc_dp);
