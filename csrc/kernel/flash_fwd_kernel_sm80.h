@@ -87,7 +87,7 @@ struct FlashFwdKernelSm80 {
 
   CUTE_DEVICE void operator()(Params const& params, char* smem_buf) const {
     if constexpr (kKVCache) {
-      // Launched dependent on the append (run_kvcache): its writes first; then the combine may launch.
+      // Launched dependent on the append (run_kvcache): its writes first; then the combine kernel, if any, may launch.
       grid_dependency_wait();
       grid_launch_dependents();
     }

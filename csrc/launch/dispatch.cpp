@@ -416,14 +416,9 @@ Status fwd_kvcache(KVCacheParams const& p, cudaStream_t stream) {
   if (p.batch == 0 || p.seqlen_q == 0 || p.num_heads == 0) { return {}; }
   KVCacheKernelInfo const info = kernel->info();
   if (Status const fits = check_smem("kvcache", kernel->head_dim, info.smem_bytes); !fits.ok()) { return fits; }
-  cudaError_t status = cudaSuccess;
-  if (p.split_tickets != nullptr && kvcache_split_tickets(p) == 0) {
-    KVCacheParams unfused = p;  // too many rows for the kernel's own combine: the combine kernel
-    unfused.split_tickets = nullptr;
-    status = kernel->run(unfused, stream);
-  } else {
-    status = kernel->run(p, stream);
-  }
+  KVCacheParams run = p;
+  if (kvcache_split_tickets(p) == 0) { run.split_tickets = nullptr; }  // too many rows: the combine kernel
+  cudaError_t const status = kernel->run(run, stream);
   if (status != cudaSuccess) {
     return {str_cat("flash_attn2: KV-cache kernel launch failed: ", cudaGetErrorString(status))};
   }
