@@ -284,9 +284,9 @@ struct FlashBwdKernelSm80 {
         // block n starts them at bare query block n (mod their count) from the last, so a head's key blocks,
         // which run side by side, add into different dQ tiles instead of all into the same one at once
         // (+1-4% non-causal, PERF_LOG b8; b9 causal); the masked ones (the diagonal's, or every step of a
-        // partial last key block) follow, descending. Plain kernels without a left window edge: the modifier
-        // families and local windows keep the descending loops, where their registers were measured.
-        constexpr bool kRotate = kMods == Modifiers::kPlain && !Mask::kHasLeft;
+        // partial last key block) follow, descending. Plain and softcap kernels without a left window edge: the
+        // "mod" family and local windows keep the descending loops, where their registers were measured.
+        constexpr bool kRotate = (kMods == Modifiers::kPlain || kMods == Modifiers::kSoftcap) && !Mask::kHasLeft;
         int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
         int const m_bare = m_block_end - m_block_unmasked_begin;  // >= 0
         int const m_first = kRotate && m_bare > 0 ? m_block_end - 1 - n_block % m_bare : m_block_end - 1;
