@@ -378,6 +378,24 @@ def test_deterministic_backward_is_bitwise_reproducible(kernel):
     assert_grads_match_reference(atomic, q, k, v, grad_out, causal)
 
 
+@pytest.mark.parametrize("mode", ["ordered", "slices"])
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
+def test_deterministic_modes_at_length(kernel, mode, monkeypatch):
+    """Both deterministic dq modes with many key blocks per head (s_k ~ 4k), GQA and s_q != s_k: the
+    ordered one (Hopper's default: the key blocks of a head add to each dq tile in turns, lowest first)
+    and the private slices (FLASH_ATTN2_BWD_DET=slices; the only mode elsewhere) each reproduce their bits
+    and match the reference."""
+    causal = kernel.mask == "causal"
+    if mode == "slices":
+        monkeypatch.setenv("FLASH_ATTN2_BWD_DET", "slices")
+    q, k, v = make_qkv(1, 3001, 4099, 4, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
+    grad_out = torch.randn_like(q)
+    first = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)
+    again = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)
+    assert_equal_grads(again, first, f"deterministic=True ({mode}) must reproduce its bits")
+    assert_grads_match_reference(first, q, k, v, grad_out, causal)
+
+
 @pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_atomic_dq_path(kernel, monkeypatch):
     """FLASH_ATTN2_BWD_DQ=atomic keeps Hopper on the sm80 way of adding dq (vector atomics, the plain

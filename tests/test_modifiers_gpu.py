@@ -237,6 +237,9 @@ DENSE_CASES = {
     "window_16_8_sq_gt_sk_empty_rows": (512, 256, 2, Mods(window=(16, 8))),
     "window_0_0_seqlen_1": (1, 1, 4, Mods(window=(0, 0))),
     "causal_window_128_0_sq1023_sk1024": (1023, 1024, 2, Mods(causal=True, window=(128, 0))),
+    # Many key blocks per query block with both window edges: the deterministic backward's ordered dq
+    # finds each key block's turn from the window's left edge.
+    "window_500_300_sq2500_sk3000": (2500, 3000, 2, Mods(window=(500, 300))),
     "causal_window_32_-1_sq_gt_sk_empty_rows": (300, 257, 4, Mods(causal=True, window=(32, -1))),
     "causal_window_64_decode_mqa": (1, 1023, 1, Mods(causal=True, window=(64, -1))),
     "softcap_30_scale_0.5": (113, 203, 2, Mods(softcap=30.0, softmax_scale=0.5)),

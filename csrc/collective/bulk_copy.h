@@ -51,6 +51,32 @@ CUTE_DEVICE void bulk_wait_all() {
 #endif
 }
 
+// Turns between CTAs (the ordered deterministic dQ of the backward). wait_turn spins until *counter ==
+// turn, then orders the caller's later bulk copies after what the CTAs of the earlier turns completed;
+// pass_turn, after bulk_wait_all, publishes this thread's completed bulk writes and then adds 1. A counter
+// that never reaches `turn` (a scheduling bug) traps after about 2^26 polls (seconds) instead of hanging.
+CUTE_DEVICE void wait_turn(int const* counter, int turn) {
+#ifdef FLASH_ATTN2_BULK_COPY
+  for (int polls = 0;; ++polls) {
+    int value;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(counter) : "memory");
+    if (value == turn) { break; }
+    if (polls >= (1 << 26)) { __trap(); }
+  }
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+CUTE_DEVICE void pass_turn(int* counter) {
+#ifdef FLASH_ATTN2_BULK_COPY
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counter) : "memory");
+#else
+  __trap();
+#endif
+}
+
 // Orders this thread's earlier generic-proxy writes to shared memory before later bulk copies that
 // read it (with a barrier between the writers and the issuing thread).
 CUTE_DEVICE void fence_shared_for_bulk() {

@@ -6,8 +6,10 @@
 // P = exp(S * scale - lse) from the forward's lse (no running max, nothing N x N stored), forms
 // dS = P o (dP - rowsum(dO o O)) with dP = dO V^T, accumulates dV += P^T dO and dK += dS^T Q, and adds
 // dQ = dS K into an fp32 accumulator in global memory, with atomics or (Hopper) one bulk reduction of a
-// shared staging tile per step (deterministic mode: into a slice of its own per split). Q and dO of the
-// next query block load under this one's math when there are two stages.
+// shared staging tile per step. Deterministic mode: on Hopper the key blocks of a head add to each dQ tile
+// in turns, lowest first (BwdKernelParams::dq_turns), walking the query blocks in the same order;
+// elsewhere each split adds into a slice of its own. Q and dO of the next query block load under this
+// one's math when there are two stages.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -27,9 +29,11 @@ namespace flash_attn2 {
 using namespace cute;
 
 // kMods: the score modifiers compiled in (Modifiers in params.h; collective/score_mod.h); dropout only
-// with kAll. kEarlyLoads: a step issues the next query block's Q and dO at its start, not between its
-// GEMMs (the deterministic mode's kernels of the plain family; see the step).
-template <class Traits, MaskMode kMask, Modifiers kMods, bool kEarlyLoads = false>
+// with kAll. kDeterministic: the deterministic mode's second kernel of the plain family with two stages,
+// the only one that runs the ordered dQ (params.dq_turns) and, with params.early_loads, issues the next
+// query block's Q and dO at a step's start instead of between its GEMMs (see the step). Kept out of the
+// default kernels, whose registers it would cost (ptxas, bf16 hdim 128 causal: spills 40 -> 116 B).
+template <class Traits, MaskMode kMask, Modifiers kMods, bool kDeterministic = false>
 struct FlashBwdKernelSm80 {
   static constexpr bool kModifiers = kMods != Modifiers::kPlain;
   static constexpr bool kSoftcap = ScoreModifiers<kMods>::kSoftcap;
@@ -140,7 +144,7 @@ struct FlashBwdKernelSm80 {
     float const* const lse_ptr = params.softmax_lse + binfo.lse_offset;
     float const* const dsum_ptr = params.dsum + binfo.lse_offset;
     float* const dq_accum_ptr =
-        params.dq_accum + ((params.deterministic ? int64_t(split) * params.lse_rows : 0) + binfo.lse_offset) * kHeadDim;
+        params.dq_accum + ((params.num_accum_slices > 1 ? int64_t(split) * params.lse_rows : 0) + binfo.lse_offset) * kHeadDim;
     // (rows, kHeadDim) tile `block` of a row-major operand; 32-bit offsets inside the tile.
     auto tile = [](auto* base, int64_t row_stride, int block, auto rows) {
       return make_tensor(make_gmem_ptr(base + int64_t(block) * decltype(rows)::value * row_stride),
@@ -170,7 +174,7 @@ struct FlashBwdKernelSm80 {
     Tensor tQcQ = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     Tensor tKVcKV = gmem_thr_copy.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
     // Q and dO of a query block, one commit group (dO's load closes it). A step with two stages issues
-    // the next block's Q after its S GEMM and dO after its dP GEMM (kEarlyLoads: both at its start).
+    // the next block's Q after its S GEMM and dO after its dP GEMM (early_loads: both at its start).
     auto load_q = [&](int m_block, int buf) {
       copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(q_ptr, params.q_row_stride, m_block, Int<kBlockM>{})),
                       gmem_thr_copy.partition_D(sQ(buf)), tQcQ, binfo.seqlen_q - m_block * kBlockM, head_dim);
@@ -231,9 +235,36 @@ struct FlashBwdKernelSm80 {
     // a step is issued after the next step's first barrier and must be read out before its second one.
 #ifdef FLASH_ATTN2_BULK_COPY
     bool const bulk_dq = params.bulk_dq;
+    // Ordered deterministic dQ (one CTA per key block): thread 0 waits for this key block's turn at a tile
+    // before it issues the tile's reduction, and passes the turn once the reduction is complete (at the
+    // next step's second barrier, where the other threads stage the next tile anyway).
+    bool const ordered_dq = kDeterministic && bulk_dq && params.dq_turns != nullptr;
 #else
     constexpr bool bulk_dq = false;
+    constexpr bool ordered_dq = false;
 #endif
+    bool const early_loads = kDeterministic && params.early_loads;
+    // This head's turn counters: params.dq_turns + dq_turns_base + m_block (32 bits: one register less).
+    int const dq_turns_base = ordered_dq ? (batch * params.num_heads + head) * params.dq_turn_blocks : 0;
+    // This key block's turn at query block m_block: the key blocks below it that see m_block. Every key
+    // block from the first that sees m_block (m_block_end is non-decreasing in the key block) up to this
+    // one does (m_block_begin is non-decreasing too), and runs, since it sees m_block.
+    auto dq_turn = [&](int n_block, int m_block) {
+      int first = 0;
+      if constexpr (Mask::kHasLeft) {
+        int hi = n_block;  // the first key block with m_block_end > m_block lies in [first, hi]
+        while (first < hi) {
+          int const mid = (first + hi) / 2;
+          if (mask.m_block_end(mid) > m_block) { hi = mid; } else { first = mid + 1; }
+        }
+      }
+      return n_block - first;
+    };
+    // Thread 0, after the reduction of tile m_block was issued.
+    auto pass_dq_turn = [&](int m_block) {
+      bulk_wait_all();
+      pass_turn(params.dq_turns + dq_turns_base + m_block);
+    };
     // The bulk path's bank flip for this thread's rows (all of one parity: 8 apart).
     int const dq_row_flip = dq_accum_row_flip(binfo.lse_offset + get<0>(tdQcdQ(0)));
     float* const sdq = reinterpret_cast<float*>(smem_buf + Traits::kDqSmemOffset);
@@ -247,6 +278,8 @@ struct FlashBwdKernelSm80 {
       if (bulk_dq) {
         if (tidx == 0 && dq_staged >= 0) {
           int const rows = min(kBlockM, binfo.seqlen_q - dq_staged * kBlockM);
+          // Ordered: one round, so the key block is `split`; the previous tile's turn is passed already.
+          if (ordered_dq) { wait_turn(params.dq_turns + dq_turns_base + dq_staged, dq_turn(split, dq_staged)); }
           bulk_reduce_add_f32(dq_accum_ptr + int64_t(dq_staged) * kBlockM * kHeadDim, sdq,
                               rows * kHeadDim * int(sizeof(float)));
           bulk_commit();
@@ -289,7 +322,9 @@ struct FlashBwdKernelSm80 {
         constexpr bool kRotate = (kMods == Modifiers::kPlain || kMods == Modifiers::kSoftcap) && !Mask::kHasLeft;
         int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
         int const m_bare = m_block_end - m_block_unmasked_begin;  // >= 0
-        int const m_first = kRotate && m_bare > 0 ? m_block_end - 1 - n_block % m_bare : m_block_end - 1;
+        // The ordered dQ needs every key block of a head to walk the query blocks in the same order.
+        int const m_first =
+            kRotate && m_bare > 0 && !ordered_dq ? m_block_end - 1 - n_block % m_bare : m_block_end - 1;
         load_q_do(m_first, 0);  // one group with K and V
 
         int buf = 0;
@@ -316,16 +351,14 @@ struct FlashBwdKernelSm80 {
           // per issue here, 0.74 spread; PERF_LOG b11). The deterministic mode loads here (PERF_LOG b13:
           // its cost over the backward 1.12-1.32x -> 1.05-1.19x), likely because its splits' private dQ
           // slices crowd Q and dO out of L2, so the loads wait on DRAM and need the whole step.
-          if constexpr (kEarlyLoads) {
-            if (kStages == 2 && m_next >= 0) { load_q_do(m_next, buf ^ 1); }
-          }
+          if (early_loads && kStages == 2 && m_next >= 0) { load_q_do(m_next, buf ^ 1); }
 
           Tensor acc_s = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
           modifiers.init(acc_s, tScS0, score_row_base, score_col_base, m_block, n_block, kBlockM, kBlockN,
                          mask.diagonal_offset());
           gemm_ss(acc_s, tSrQ, tSrK, thr_copy_a_sdp.partition_S(sQ(buf)), tSsK, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
-          if (!kEarlyLoads && kStages == 2 && m_next >= 0) { load_q(m_next, buf ^ 1); }
+          if (!early_loads && kStages == 2 && m_next >= 0) { load_q(m_next, buf ^ 1); }
           // Softcap's derivative, 1 - tanh^2, multiplies dS (only the kernels with modifiers hold it).
           auto dtanh = [&] {
             if constexpr (kSoftcap) { return PackedDtanh<decltype(size(acc_s))::value>{}; } else { return 0; }
@@ -365,7 +398,7 @@ struct FlashBwdKernelSm80 {
           clear(acc_dp);
           gemm_ss(acc_dp, tdPrdO, tdPrV, thr_copy_a_sdp.partition_S(sdO(buf)), tdPsV, tiled_mma_sdp, copy_a_sdp,
                   copy_b_sdp, tidx);
-          if (!kEarlyLoads && kStages == 2 && m_next >= 0) { load_do(m_next, buf ^ 1); }
+          if (!early_loads && kStages == 2 && m_next >= 0) { load_do(m_next, buf ^ 1); }
           Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
           if (dropout_on) {
             keep_branch();
@@ -398,7 +431,15 @@ struct FlashBwdKernelSm80 {
           }
           Tensor rdS = convert_fragment<Element>(acc_dp);
           copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
-          if (bulk_dq && tidx == 0) { bulk_wait_read<0>(); }  // sdq is free for this step's dQ
+          if (bulk_dq && tidx == 0) {  // sdq is free for this step's dQ
+            // Ordered: the query blocks descend one by one, so the tile issued at this step's start, if
+            // any, is the previous step's, m_block + 1.
+            if (ordered_dq) {
+              if (m_block + 1 < m_block_end) { pass_dq_turn(m_block + 1); }
+            } else {
+              bulk_wait_read<0>();
+            }
+          }
           __syncthreads();  // P and dS are in shared memory
 
           // dQ first: its accumulator is written out after the dV and dK GEMMs, whose MMAs cover the dQ
@@ -482,7 +523,10 @@ struct FlashBwdKernelSm80 {
                        tdKVcdKV, rows_k, head_dim);
       // Before sdq is rewritten and before the next key block revisits these rows (deterministic
       // mode's order of additions), and before the CTA exits: the reductions are complete.
-      if (bulk_dq && tidx == 0) { bulk_wait_all(); }
+      if (bulk_dq && tidx == 0) {
+        bulk_wait_all();
+        if (ordered_dq && m_block_begin < m_block_end) { pass_dq_turn(m_block_begin); }
+      }
     }
   }
 };

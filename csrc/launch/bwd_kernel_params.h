@@ -16,14 +16,25 @@ struct BwdKernelParams : BwdParams {
   // rowsum(dout * out), written by the preprocess kernel.
   float* __restrict__ dsum = nullptr;
   // num_accum_slices x lse_rows x (the kernel's head dim) fp32: the unscaled dQ sums. Without determinism one
-  // slice that every key block adds to atomically; with it, one slice per split, each written by one
-  // CTA only, summed in a fixed order by the postprocess kernel.
+  // slice that every key block adds to atomically. Deterministic, either one slice per split, each written
+  // by one CTA only and summed in a fixed order by the postprocess kernel, or (ordered: dq_turns set) one
+  // slice that the key blocks add to in a fixed order.
   float* __restrict__ dq_accum = nullptr;
   int64_t lse_rows = 0;       // batch * num_heads * seqlen_q, or num_heads * total_q
   int num_splits = 1;         // CTAs per (batch, head); each takes every num_splits-th key block (zigzag)
-  int num_accum_slices = 1;   // num_splits when deterministic, else 1
-  // sm_90+: each CTA stages dQ in shared memory and adds it with bulk reductions (the launcher sets it
-  // where the device has the shared memory; FLASH_ATTN2_BWD_DQ=atomic keeps the atomics).
+  int num_accum_slices = 1;   // num_splits when deterministic with private slices, else 1
+  // Deterministic with bulk_dq: int32 zeros, one per (batch, head, query block of the backward's tile),
+  // (batch * num_heads + head) * dq_turn_blocks + m_block. Counts the key blocks whose dQ additions to that
+  // query block are complete; key block n adds its own when the count equals its rank among the key blocks
+  // that see the query block (lower key blocks first: their CTAs are launched first, so a CTA only ever
+  // waits for CTAs that are running or done).
+  int* __restrict__ dq_turns = nullptr;
+  int dq_turn_blocks = 0;     // ceil(seqlen_q / the backward's block_m)
+  // The deterministic kernel's placement of the next query block's loads (FlashBwdKernelSm80's
+  // kDeterministic; set by the launcher).
+  bool early_loads = false;
+  // sm_90+: each CTA stages dQ in shared memory and adds it with bulk reductions (the dispatcher sets it
+  // from BwdKernelInfo::bulk_dq: where the device has the shared memory, unless FLASH_ATTN2_BWD_DQ=atomic).
   bool bulk_dq = false;
 };
 

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/strings.h"
 #include "launch/fwd_launch.h"
@@ -243,12 +245,13 @@ int64_t lse_rows(FwdParams const& p) {
 constexpr size_t kWorkspaceAlign = 256;
 size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
-// CTAs per (batch, head). Without determinism one per key block, all adding dQ atomically. With it,
-// each split owns a private dQ accumulator (memory: splits x dQ in fp32), so take the fewest splits that
-// keep the SMs as busy as the most would: the fraction of the last wave that is full.
-int choose_splits(BwdParams const& p, int block_n, int num_sms) {
+// CTAs per (batch, head). Without private dQ slices one per key block, all adding dQ atomically (or, the
+// ordered deterministic mode, in turns). With them, each split owns a private dQ accumulator (memory:
+// splits x dQ in fp32), so take the fewest splits that keep the SMs as busy as the most would: the
+// fraction of the last wave that is full.
+int choose_splits(BwdParams const& p, int block_n, int num_sms, bool private_slices) {
   int const n_blocks = (p.seqlen_k + block_n - 1) / block_n;
-  if (!p.deterministic || n_blocks <= 1) { return n_blocks; }
+  if (!private_slices || n_blocks <= 1) { return n_blocks; }
   int64_t const heads = int64_t(p.batch) * p.num_heads;
   int const limit = int(std::min<int64_t>(n_blocks, 2 * num_sms / std::max<int64_t>(heads, 1) + 1));
   int best = 1;
@@ -267,9 +270,23 @@ struct BwdPlan {
   BwdKernelInfo info = {};
   int num_splits = 0;
   int num_accum_slices = 0;
+  bool ordered_dq = false;  // deterministic through dq_turns (BwdKernelParams)
+  int dq_turn_blocks = 0;
   size_t dsum_bytes = 0;
   size_t accum_bytes = 0;
+  size_t turns_bytes = 0;
 };
+
+// Deterministic backward on the bulk dQ path: one accumulator that the key blocks add to in turns
+// (BwdKernelParams::dq_turns) rather than a private slice per split. The slices' memory (splits x dQ in
+// fp32, 1 GB at 16k keys, 16 heads, hdim 128 and 8 splits) does not fit in L2, so every dQ addition went
+// to DRAM: the deterministic backward took 1.10-1.22x the default one's time at hdim 128 (PERF_LOG b13).
+// FLASH_ATTN2_BWD_DET=slices keeps the slices (for A/B); without bulk_dq (sm80, FLASH_ATTN2_BWD_DQ=atomic),
+// in the modifier families and with one-stage tiles (hdim 256) they are the only deterministic mode.
+bool ordered_dq_enabled() {
+  char const* mode = std::getenv("FLASH_ATTN2_BWD_DET");
+  return mode == nullptr || std::strcmp(mode, "slices") != 0;
+}
 
 Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   if (Status const checked = check_params(p, &p); !checked.ok()) { return checked; }
@@ -284,11 +301,17 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   }
   plan.info = plan.kernel->info();
   BwdKernelInfo const& info = plan.info;
-  plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1));
-  plan.num_accum_slices = p.deterministic ? std::max(plan.num_splits, 1) : 1;
+  plan.ordered_dq = p.deterministic && info.ordered_dq && ordered_dq_enabled();
+  bool const private_slices = p.deterministic && !plan.ordered_dq;
+  plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1), private_slices);
+  plan.num_accum_slices = private_slices ? std::max(plan.num_splits, 1) : 1;
   int64_t const rows = lse_rows(p);
   plan.dsum_bytes = align_up(size_t(rows) * sizeof(float));
   plan.accum_bytes = align_up(size_t(plan.num_accum_slices) * size_t(rows) * info.head_dim * sizeof(float));
+  if (plan.ordered_dq) {
+    plan.dq_turn_blocks = (p.seqlen_q + info.block_m - 1) / info.block_m;
+    plan.turns_bytes = align_up(size_t(p.batch) * size_t(p.num_heads) * size_t(plan.dq_turn_blocks) * sizeof(int));
+  }
   return {};
 }
 
@@ -297,7 +320,7 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
 size_t bwd_workspace_bytes(BwdParams const& p) {
   BwdPlan plan;
   if (!plan_bwd(p, plan).ok()) { return 0; }
-  return plan.dsum_bytes + plan.accum_bytes;
+  return plan.dsum_bytes + plan.accum_bytes + plan.turns_bytes;
 }
 
 Status bwd(BwdParams const& p, cudaStream_t stream) {
@@ -308,7 +331,8 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
     return {"flash_attn2: bwd needs dout, dq, dk, dv and softmax_lse"};
   }
   if (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % kWorkspaceAlign != 0) {
-    return {str_cat("flash_attn2: bwd needs a workspace of bwd_workspace_bytes() = ", plan.dsum_bytes + plan.accum_bytes,
+    return {str_cat("flash_attn2: bwd needs a workspace of bwd_workspace_bytes() = ",
+                    plan.dsum_bytes + plan.accum_bytes + plan.turns_bytes,
                     " bytes, aligned to ", kWorkspaceAlign)};
   }
 
@@ -322,6 +346,11 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
   kp.lse_rows = lse_rows(p);
   kp.num_splits = plan.num_splits;
   kp.num_accum_slices = plan.num_accum_slices;
+  kp.bulk_dq = plan.info.bulk_dq;
+  if (plan.ordered_dq) {
+    kp.dq_turns = reinterpret_cast<int*>(workspace + plan.dsum_bytes + plan.accum_bytes);
+    kp.dq_turn_blocks = plan.dq_turn_blocks;
+  }
   cudaError_t const status = plan.kernel->run(kp, stream);
   if (status != cudaSuccess) {
     return {str_cat("flash_attn2: backward kernel launch failed: ", cudaGetErrorString(status))};

@@ -17,8 +17,11 @@ int fwd_smem_bytes();
 // What the dispatcher needs to know of a backward instantiation to size its grid and workspace.
 struct BwdKernelInfo {
   int smem_bytes;
+  int block_m;
   int block_n;
   int head_dim;
+  bool bulk_dq;     // the current device runs it with the Hopper bulk dQ reductions (BwdKernelParams::bulk_dq)
+  bool ordered_dq;  // and its deterministic mode with the ordered dQ (BwdKernelParams::dq_turns)
 };
 template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream);

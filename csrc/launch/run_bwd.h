@@ -52,9 +52,9 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   using Traits = BwdTraitsSm80<Element, kHeadDim>;
   using Kernel = FlashBwdKernelSm80<Traits, kMask, kMods>;
   using Rows = RowGroups<kHeadDim>;
-  // The postprocess reads dq_accum in the layout the main kernel's path wrote it in.
+  // params.bulk_dq is the dispatcher's copy of bwd_kernel_info's: the workspace was planned for it, and the
+  // postprocess reads dq_accum in the layout the main kernel's path wrote it in.
   BwdKernelParams kp = params;
-  kp.bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kBulkDqSmemBytes);
 
   if (params.lse_rows > 0) {
     int64_t const blocks = Rows::num_blocks(params.lse_rows);
@@ -65,18 +65,34 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     err = cudaMemsetAsync(params.dq_accum, 0,
                           size_t(params.num_accum_slices) * size_t(params.lse_rows) * kHeadDim * sizeof(float), stream);
     if (err != cudaSuccess) { return err; }
+    if (params.dq_turns != nullptr) {
+      err = cudaMemsetAsync(params.dq_turns, 0,
+                            size_t(params.batch) * params.num_heads * params.dq_turn_blocks * sizeof(int), stream);
+      if (err != cudaSuccess) { return err; }
+    }
   }
 
   int const smem_bytes = kp.bulk_dq ? Traits::kBulkDqSmemBytes : Kernel::kSmemBytes;
-  // Deterministic calls of the plain family with two Q/dO stages take the early-loads kernel
-  // (FlashBwdKernelSm80's kEarlyLoads): a second kernel of each such instantiation rather than a run-time
-  // switch, which cost the other kernels registers (spills 116 -> 152 B at hdim 64). Same-run A/B (PERF_LOG
-  // b13, bf16 hdim 64 / 128): deterministic / default backward time 1.12-1.32x -> 1.05-1.19x. The modifier
-  // families keep one kernel for both.
+  // Deterministic calls of the plain family with two Q/dO stages take the deterministic kernel
+  // (FlashBwdKernelSm80's kDeterministic): a second kernel of each such instantiation rather than run-time
+  // switches in one, which cost the default kernels registers. With private dQ slices it issues the next
+  // Q and dO at a step's start (PERF_LOG b13, bf16 hdim 64 / 128: deterministic / default backward time
+  // 1.12-1.32x -> 1.05-1.19x); the ordered mode (dq_turns) keeps the default placement, its one accumulator
+  // staying in L2 as the atomic mode's does (FLASH_ATTN2_BWD_DET_LOADS=early for A/B). The modifier
+  // families and one-stage tiles keep one kernel for both, with private slices.
   cudaError_t err = cudaSuccess;
   if constexpr (kMods == Modifiers::kPlain && Traits::kStages == 2) {
-    err = params.deterministic ? launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream)
-                               : launch_bwd_main<Kernel>(kp, smem_bytes, stream);
+    if (params.deterministic) {
+      if (params.dq_turns == nullptr) {
+        kp.early_loads = true;
+      } else {
+        char const* loads = std::getenv("FLASH_ATTN2_BWD_DET_LOADS");
+        kp.early_loads = loads != nullptr && std::strcmp(loads, "early") == 0;
+      }
+      err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
+    } else {
+      err = launch_bwd_main<Kernel>(kp, smem_bytes, stream);
+    }
   } else {
     err = launch_bwd_main<Kernel>(kp, smem_bytes, stream);
   }
@@ -93,7 +109,9 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
 template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 BwdKernelInfo bwd_kernel_info() {
   using Traits = BwdTraitsSm80<ElementOf<kDType>, kHeadDim>;
-  return {Traits::kSmemBytes, Traits::kBlockN, Traits::kHeadDim};
+  bool const bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kBulkDqSmemBytes);
+  bool const ordered_dq = bulk_dq && kMods == Modifiers::kPlain && Traits::kStages == 2;
+  return {Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim, bulk_dq, ordered_dq};
 }
 
 }  // namespace flash_attn2
