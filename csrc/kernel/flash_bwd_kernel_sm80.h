@@ -144,7 +144,7 @@ struct FlashBwdKernelSm80 {
     float const* const lse_ptr = params.softmax_lse + binfo.lse_offset;
     float const* const dsum_ptr = params.dsum + binfo.lse_offset;
     float* const dq_accum_ptr =
-        params.dq_accum + ((params.num_accum_slices > 1 ? int64_t(split) * params.lse_rows : 0) + binfo.lse_offset) * kHeadDim;
+        params.dq_accum + (int64_t(split % params.num_accum_slices) * params.lse_rows + binfo.lse_offset) * kHeadDim;
     // (rows, kHeadDim) tile `block` of a row-major operand; 32-bit offsets inside the tile.
     auto tile = [](auto* base, int64_t row_stride, int block, auto rows) {
       return make_tensor(make_gmem_ptr(base + int64_t(block) * decltype(rows)::value * row_stride),
@@ -235,20 +235,24 @@ struct FlashBwdKernelSm80 {
     // a step is issued after the next step's first barrier and must be read out before its second one.
 #ifdef FLASH_ATTN2_BULK_COPY
     bool const bulk_dq = params.bulk_dq;
-    // Ordered deterministic dQ (one CTA per key block): thread 0 waits for this key block's turn at a tile
-    // before it issues the tile's reduction, and passes the turn once the reduction is complete (at the
-    // next step's second barrier, where the other threads stage the next tile anyway).
+    // Ordered deterministic dQ (one CTA per key block; key block n adds into slice n % slices after key
+    // block n - slices, so a head's key blocks form `slices` chains): thread 0 waits for this key block's
+    // turn at a tile before it issues the tile's reduction, and passes the turn once the reduction is
+    // complete (at the next step's second barrier, where the other threads stage the next tile anyway).
     bool const ordered_dq = kDeterministic && bulk_dq && params.dq_turns != nullptr;
 #else
     constexpr bool bulk_dq = false;
     constexpr bool ordered_dq = false;
 #endif
     bool const early_loads = kDeterministic && params.early_loads;
-    // This head's turn counters: params.dq_turns + dq_turns_base + m_block (32 bits: one register less).
-    int const dq_turns_base = ordered_dq ? (batch * params.num_heads + head) * params.dq_turn_blocks : 0;
-    // This key block's turn at query block m_block: the key blocks below it that see m_block. Every key
-    // block from the first that sees m_block (m_block_end is non-decreasing in the key block) up to this
-    // one does (m_block_begin is non-decreasing too), and runs, since it sees m_block.
+    // This chain's turn counters: params.dq_turns + dq_turns_base + m_block (32 bits: one register less).
+    int const dq_turns_base =
+        ordered_dq ? ((batch * params.num_heads + head) * params.num_accum_slices + split % params.num_accum_slices) *
+                         params.dq_turn_blocks
+                   : 0;
+    // This key block's turn at query block m_block: the key blocks of its chain below it that see m_block.
+    // Every key block from the first that sees m_block (m_block_end is non-decreasing in the key block) up
+    // to this one does (m_block_begin is non-decreasing too), and runs, since it sees m_block.
     auto dq_turn = [&](int n_block, int m_block) {
       int first = 0;
       if constexpr (Mask::kHasLeft) {
@@ -258,7 +262,7 @@ struct FlashBwdKernelSm80 {
           if (mask.m_block_end(mid) > m_block) { hi = mid; } else { first = mid + 1; }
         }
       }
-      return n_block - first;
+      return (n_block - first) / params.num_accum_slices;
     };
     // Thread 0, after the reduction of tile m_block was issued.
     auto pass_dq_turn = [&](int m_block) {

@@ -22,12 +22,13 @@ struct BwdKernelParams : BwdParams {
   float* __restrict__ dq_accum = nullptr;
   int64_t lse_rows = 0;       // batch * num_heads * seqlen_q, or num_heads * total_q
   int num_splits = 1;         // CTAs per (batch, head); each takes every num_splits-th key block (zigzag)
-  int num_accum_slices = 1;   // num_splits when deterministic with private slices, else 1
-  // Deterministic with bulk_dq: int32 zeros, one per (batch, head, query block of the backward's tile),
-  // (batch * num_heads + head) * dq_turn_blocks + m_block. Counts the key blocks whose dQ additions to that
-  // query block are complete; key block n adds its own when the count equals its rank among the key blocks
-  // that see the query block (lower key blocks first: their CTAs are launched first, so a CTA only ever
-  // waits for CTAs that are running or done).
+  int num_accum_slices = 1;   // private slices: num_splits; ordered (dq_turns): its chains; else 1
+  // Deterministic with bulk_dq: int32 zeros, one per (batch, head, chain, query block of the backward's
+  // tile), ((batch * num_heads + head) * num_accum_slices + chain) * dq_turn_blocks + m_block. Key block n
+  // is in chain n % num_accum_slices and adds into that slice. A counter counts the key blocks of its chain
+  // whose dQ additions to that query block are complete; key block n adds its own when the count equals
+  // its rank among the chain's key blocks that see the query block (lower key blocks first: their CTAs are
+  // launched first, so a CTA only ever waits for CTAs that are running or done).
   int* __restrict__ dq_turns = nullptr;
   int dq_turn_blocks = 0;     // ceil(seqlen_q / the backward's block_m)
   // The deterministic kernel's placement of the next query block's loads (FlashBwdKernelSm80's

@@ -288,6 +288,18 @@ bool ordered_dq_enabled() {
   return mode == nullptr || std::strcmp(mode, "slices") != 0;
 }
 
+// The ordered mode's chains: key block n adds after key block n - chains, into accumulator slice
+// n % chains (summed by the postprocess). The key blocks of a head start together, so a chain's k-th key
+// block waits about k turn hand-overs (half a step each) before its first addition: more chains, less
+// waiting, more accumulator memory. FLASH_ATTN2_BWD_DET_CHAINS overrides (for A/B).
+int ordered_dq_chains(int n_blocks) {
+  int chains = 4;
+  if (char const* env = std::getenv("FLASH_ATTN2_BWD_DET_CHAINS"); env != nullptr && std::atoi(env) > 0) {
+    chains = std::atoi(env);
+  }
+  return std::max(1, std::min(chains, n_blocks));
+}
+
 Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   if (Status const checked = check_params(p, &p); !checked.ok()) { return checked; }
   if ((int64_t(p.seqlen_k) + 15) / 16 * p.num_heads * p.batch > INT32_MAX) {
@@ -304,13 +316,16 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   plan.ordered_dq = p.deterministic && info.ordered_dq && ordered_dq_enabled();
   bool const private_slices = p.deterministic && !plan.ordered_dq;
   plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1), private_slices);
-  plan.num_accum_slices = private_slices ? std::max(plan.num_splits, 1) : 1;
+  plan.num_accum_slices = private_slices    ? std::max(plan.num_splits, 1)
+                          : plan.ordered_dq ? ordered_dq_chains(plan.num_splits)
+                                            : 1;
   int64_t const rows = lse_rows(p);
   plan.dsum_bytes = align_up(size_t(rows) * sizeof(float));
   plan.accum_bytes = align_up(size_t(plan.num_accum_slices) * size_t(rows) * info.head_dim * sizeof(float));
   if (plan.ordered_dq) {
     plan.dq_turn_blocks = (p.seqlen_q + info.block_m - 1) / info.block_m;
-    plan.turns_bytes = align_up(size_t(p.batch) * size_t(p.num_heads) * size_t(plan.dq_turn_blocks) * sizeof(int));
+    plan.turns_bytes = align_up(size_t(p.batch) * size_t(p.num_heads) * size_t(plan.num_accum_slices) *
+                                size_t(plan.dq_turn_blocks) * sizeof(int));
   }
   return {};
 }

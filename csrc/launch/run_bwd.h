@@ -67,7 +67,9 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     if (err != cudaSuccess) { return err; }
     if (params.dq_turns != nullptr) {
       err = cudaMemsetAsync(params.dq_turns, 0,
-                            size_t(params.batch) * params.num_heads * params.dq_turn_blocks * sizeof(int), stream);
+                            size_t(params.batch) * params.num_heads * params.num_accum_slices * params.dq_turn_blocks *
+                                sizeof(int),
+                            stream);
       if (err != cudaSuccess) { return err; }
     }
   }
@@ -90,6 +92,8 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
         kp.early_loads = loads != nullptr && std::strcmp(loads, "early") == 0;
       }
       err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
+    } else if (char const* which = std::getenv("FLASH_ATTN2_BWD_KERNEL"); which != nullptr && std::strcmp(which, "det") == 0) {
+      err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);  // A/B only
     } else {
       err = launch_bwd_main<Kernel>(kp, smem_bytes, stream);
     }
