@@ -237,8 +237,10 @@ struct FlashBwdKernelSm80 {
     bool const bulk_dq = params.bulk_dq;
     // Ordered deterministic dQ (one CTA per key block; key block n adds into slice n % slices after key
     // block n - slices, so a head's key blocks form `slices` chains): thread 0 waits for this key block's
-    // turn at a tile before it issues the tile's reduction, and passes the turn once the reduction is
-    // complete (at the next step's second barrier, where the other threads stage the next tile anyway).
+    // turn at a tile before it issues the tile's reduction, and passes the turn at the next issue (or the
+    // key block's end), once the reduction is complete: a step after it was issued, so the wait rarely
+    // stalls. Waiting for it earlier, at the step's second barrier, stalled every step on the L2 (A/B in
+    // PERF_LOG b21: 1.2-1.35x the default backward at hdim 128).
     bool const ordered_dq = kDeterministic && bulk_dq && params.dq_turns != nullptr;
 #else
     constexpr bool bulk_dq = false;
@@ -264,10 +266,13 @@ struct FlashBwdKernelSm80 {
       }
       return (n_block - first) / params.num_accum_slices;
     };
-    // Thread 0, after the reduction of tile m_block was issued.
-    auto pass_dq_turn = [&](int m_block) {
-      bulk_wait_all();
-      pass_turn(params.dq_turns + dq_turns_base + m_block);
+    int dq_unpassed = -1;  // thread 0: the tile whose reduction is issued but whose turn is not passed
+    auto pass_dq_turn = [&] {
+      if (dq_unpassed >= 0) {
+        bulk_wait_all();
+        pass_turn(params.dq_turns + dq_turns_base + dq_unpassed);
+        dq_unpassed = -1;
+      }
     };
     // The bulk path's bank flip for this thread's rows (all of one parity: 8 apart).
     int const dq_row_flip = dq_accum_row_flip(binfo.lse_offset + get<0>(tdQcdQ(0)));
@@ -282,8 +287,12 @@ struct FlashBwdKernelSm80 {
       if (bulk_dq) {
         if (tidx == 0 && dq_staged >= 0) {
           int const rows = min(kBlockM, binfo.seqlen_q - dq_staged * kBlockM);
-          // Ordered: one round, so the key block is `split`; the previous tile's turn is passed already.
-          if (ordered_dq) { wait_turn(params.dq_turns + dq_turns_base + dq_staged, dq_turn(split, dq_staged)); }
+          // Ordered: one round, so the key block is `split`.
+          if (ordered_dq) {
+            pass_dq_turn();
+            wait_turn(params.dq_turns + dq_turns_base + dq_staged, dq_turn(split, dq_staged));
+            dq_unpassed = dq_staged;
+          }
           bulk_reduce_add_f32(dq_accum_ptr + int64_t(dq_staged) * kBlockM * kHeadDim, sdq,
                               rows * kHeadDim * int(sizeof(float)));
           bulk_commit();
@@ -435,15 +444,7 @@ struct FlashBwdKernelSm80 {
           }
           Tensor rdS = convert_fragment<Element>(acc_dp);
           copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
-          if (bulk_dq && tidx == 0) {  // sdq is free for this step's dQ
-            // Ordered: the query blocks descend one by one, so the tile issued at this step's start, if
-            // any, is the previous step's, m_block + 1.
-            if (ordered_dq) {
-              if (m_block + 1 < m_block_end) { pass_dq_turn(m_block + 1); }
-            } else {
-              bulk_wait_read<0>();
-            }
-          }
+          if (bulk_dq && tidx == 0) { bulk_wait_read<0>(); }  // sdq is free for this step's dQ
           __syncthreads();  // P and dS are in shared memory
 
           // dQ first: its accumulator is written out after the dV and dK GEMMs, whose MMAs cover the dQ
@@ -529,7 +530,7 @@ struct FlashBwdKernelSm80 {
       // mode's order of additions), and before the CTA exits: the reductions are complete.
       if (bulk_dq && tidx == 0) {
         bulk_wait_all();
-        if (ordered_dq && m_block_begin < m_block_end) { pass_dq_turn(m_block_begin); }
+        if (ordered_dq) { pass_dq_turn(); }
       }
     }
   }
