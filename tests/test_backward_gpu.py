@@ -382,12 +382,12 @@ def test_deterministic_backward_is_bitwise_reproducible(kernel):
 @pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
 def test_deterministic_modes_at_length(kernel, mode, monkeypatch):
     """Both deterministic dq modes with many key blocks per head (s_k ~ 4k), GQA and s_q != s_k: the
-    ordered one (Hopper's default: the key blocks of a head add to each dq tile in turns, lowest first)
-    and the private slices (FLASH_ATTN2_BWD_DET=slices; the only mode elsewhere) each reproduce their bits
-    and match the reference."""
+    private slices (the default) and the ordered one (FLASH_ATTN2_BWD_DET=ordered, Hopper only: the key
+    blocks of a head add to each dq tile in turns, lowest first) each reproduce their bits and match the
+    reference."""
     causal = kernel.mask == "causal"
-    if mode == "slices":
-        monkeypatch.setenv("FLASH_ATTN2_BWD_DET", "slices")
+    if mode == "ordered":
+        monkeypatch.setenv("FLASH_ATTN2_BWD_DET", "ordered")
     q, k, v = make_qkv(1, 3001, 4099, 4, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
     grad_out = torch.randn_like(q)
     first = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)

@@ -277,20 +277,22 @@ struct BwdPlan {
   size_t turns_bytes = 0;
 };
 
-// Deterministic backward on the bulk dQ path: one accumulator that the key blocks add to in turns
-// (BwdKernelParams::dq_turns) rather than a private slice per split. The slices' memory (splits x dQ in
-// fp32, 1 GB at 16k keys, 16 heads, hdim 128 and 8 splits) does not fit in L2, so every dQ addition went
-// to DRAM: the deterministic backward took 1.10-1.22x the default one's time at hdim 128 (PERF_LOG b13).
-// FLASH_ATTN2_BWD_DET=slices keeps the slices (for A/B); without bulk_dq (sm80, FLASH_ATTN2_BWD_DQ=atomic),
-// in the modifier families and with one-stage tiles (hdim 256) they are the only deterministic mode.
+// Deterministic backward: a private fp32 dQ slice per split (summed by the postprocess), the default; or,
+// on the bulk dQ path with FLASH_ATTN2_BWD_DET=ordered, one accumulator per chain that the key blocks add to
+// in turns (BwdKernelParams::dq_turns). The ordered mode lost to the slices in the A/B of PERF_LOG b21
+// (bf16 hdim 64 / 128, 1k-16k, deterministic / default backward time: slices 1.08-1.21x, ordered with 1, 2,
+// 4 or 8 chains 1.03-1.69x, 1.17-1.40x for the default 4): a chain's key blocks walk the query blocks in
+// the same order, each a turn hand-over (about a step) behind the one before, and more chains mean more
+// accumulator memory to zero and sum. It stays for A/B. Without bulk_dq (sm80, FLASH_ATTN2_BWD_DQ=atomic),
+// in the modifier families and with one-stage tiles (hdim 256) the slices are the only deterministic mode.
 bool ordered_dq_enabled() {
   char const* mode = std::getenv("FLASH_ATTN2_BWD_DET");
-  return mode == nullptr || std::strcmp(mode, "slices") != 0;
+  return mode != nullptr && std::strcmp(mode, "ordered") == 0;
 }
 
 // The ordered mode's chains: key block n adds after key block n - chains, into accumulator slice
 // n % chains (summed by the postprocess). The key blocks of a head start together, so a chain's k-th key
-// block waits about k turn hand-overs (half a step each) before its first addition: more chains, less
+// block waits about k turn hand-overs (a step each) before its first addition: more chains, less
 // waiting, more accumulator memory. FLASH_ATTN2_BWD_DET_CHAINS overrides (for A/B).
 int ordered_dq_chains(int n_blocks) {
   int chains = 4;
