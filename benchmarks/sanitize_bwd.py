@@ -7,9 +7,8 @@ boundary (128), s_q != s_k both ways (bottom-right causal alignment, rows that s
 without the causal mask. Per kernel family of this build (the same families as sanitize_fwd.py): the
 kernel's own head dim with GQA (2 query heads on 1 KV head, so the per-query-head dk/dv are summed),
 and 8 below it (the predicated-column path). Each case runs the backward in both modes: dq by atomic
-adds, and deterministic (plain attention on Hopper: the key blocks add into dq in a fixed order, taking turns through
-counters in the workspace; elsewhere per-split accumulators). A packed variable-length batch with
-lengths 0, 1 and a mid-tile tail runs once per family and mask.
+adds, and deterministic (per-split accumulators). A packed variable-length batch with lengths 0, 1 and
+a mid-tile tail runs once per family and mask.
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own allocation: otherwise an
 out-of-bounds access that lands inside PyTorch's cached pool is invisible to memcheck.

@@ -238,9 +238,8 @@ struct FlashBwdKernelSm80 {
     // Ordered deterministic dQ (one CTA per key block; key block n adds into slice n % slices after key
     // block n - slices, so a head's key blocks form `slices` chains): thread 0 waits for this key block's
     // turn at a tile before it issues the tile's reduction, and passes the turn at the next issue (or the
-    // key block's end), once the reduction is complete: a step after it was issued, so the wait rarely
-    // stalls. Waiting for it earlier, at the step's second barrier, stalled every step on the L2 (A/B in
-    // PERF_LOG b21: 1.2-1.35x the default backward at hdim 128).
+    // key block's end), once the reduction is complete. Neither this nor passing it at the step's second
+    // barrier beat the private slices (PERF_LOG b21): the mode is kept for A/B only.
     bool const ordered_dq = kDeterministic && bulk_dq && params.dq_turns != nullptr;
 #else
     constexpr bool bulk_dq = false;

@@ -281,7 +281,7 @@ struct BwdPlan {
 // on the bulk dQ path with FLASH_ATTN2_BWD_DET=ordered, one accumulator per chain that the key blocks add to
 // in turns (BwdKernelParams::dq_turns). The ordered mode lost to the slices in the A/B of PERF_LOG b21
 // (bf16 hdim 64 / 128, 1k-16k, deterministic / default backward time: slices 1.08-1.21x, ordered with 1, 2,
-// 4 or 8 chains 1.03-1.69x, 1.17-1.40x for the default 4): a chain's key blocks walk the query blocks in
+// 4 or 8 chains 1.03-1.69x, 1.05-1.40x for the default 4): a chain's key blocks walk the query blocks in
 // the same order, each a turn hand-over (about a step) behind the one before, and more chains mean more
 // accumulator memory to zero and sum. It stays for A/B. Without bulk_dq (sm80, FLASH_ATTN2_BWD_DQ=atomic),
 // in the modifier families and with one-stage tiles (hdim 256) the slices are the only deterministic mode.
