@@ -80,8 +80,6 @@ struct BwdTraitsSm80 {
   static constexpr int kDqSmemOffset = (kSmemBytes + 127) / 128 * 128;
   static constexpr int kDqSmemBytes = kBlockM * kHeadDim * int(sizeof(float));
   static constexpr int kBulkDqSmemBytes = kDqSmemOffset + kDqSmemBytes;  // the whole block's, on that path
-  // The clustered deterministic kernel stages dQ in two tiles (one summed by the cluster while the next fills).
-  static constexpr int kClusterDqSmemBytes = kDqSmemOffset + 2 * kDqSmemBytes;
   static constexpr bool kBulkDqWorthIt = kSmemBytes > kTwoCtasPerSmSmemBytes;
 };
 

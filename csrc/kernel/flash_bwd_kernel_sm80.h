@@ -306,142 +306,65 @@ struct FlashBwdKernelSm80 {
     int const dq_row_flip = dq_accum_row_flip(binfo.lse_offset + get<0>(tdQcdQ(0)));
     float* const sdq = reinterpret_cast<float*>(smem_buf + Traits::kDqSmemOffset);
     int dq_staged = -1;  // the query block whose dQ waits in sdq, or -1
-    // Clustered, per lockstep step t: each CTA stages its dQ of the step's query block in buffer t % 2 of
-    // two staging tiles and arrives at the cluster barrier (X); in step t + 1, between its dS and dQ, it waits
-    // (X), sums its 1 / cluster of the rows over the ranks that see that query block, in rank order, into its
-    // own buffer, arrives again (Y), and after the CTA barrier thread 0 hands those rows to the copy engine;
-    // before it stages step t + 1's dQ it waits (Y): the peers are done reading. Barrier waits only stall
-    // where the cluster's CTAs drift apart by half a step. cl_tile: the query block of the last step's
-    // staging (-1: none pending); cl_buf: the buffer of the next staging; cl_first_n: the group's first key
-    // block.
+    // Clustered: the query block the cluster staged in its last lockstep step (or -1), the first key block
+    // of the cluster's group, and whether this CTA's reads of its peers' staging tiles may be in flight
+    // (then it waits for the whole cluster's before it rewrites its own tile or exits).
     int cl_tile = -1;
-    int cl_buf = 0;
     int cl_first_n = 0;
     bool cl_reads_pending = false;
     int const cl_part_rows = kBlockM / cluster;
-    constexpr int kTileFloats = kBlockM * kHeadDim;
-    auto cl_sdq = [&](int b) { return sdq + (kClustered ? b * kTileFloats : 0); };
-    // This CTA's rows of the pending tile: the sum over the ranks that see it (ranks 0 .. k-1, the group's
-    // query ranges being nested), every load issued before the first add.
-    auto cluster_sum_rows = [&](auto cluster_size) {
-      constexpr int kC = decltype(cluster_size)::value;
-      constexpr int kPartFloat4s = kTileFloats / 4 / kC;
-      constexpr int kIters = (kPartFloat4s + kNThreads - 1) / kNThreads;
+    int const cl_part_floats = cl_part_rows * kHeadDim;
+    // This CTA's rows of the cluster's tile cl_tile: the sum, in rank order, of the staging tiles of the
+    // ranks that see it (ranks 0 .. k-1: key blocks of one group, query ranges nested), into its own tile.
+    auto cluster_sum_dq = [&] {
       int contributors = 1;  // rank 0 sees every query block of the walk
-      while (contributors < kC && cl_first_n + contributors < n_blocks &&
+      while (contributors < cluster && cl_first_n + contributors < n_blocks &&
              mask.m_block_begin(cl_first_n + contributors) <= cl_tile) {
         ++contributors;
       }
-      float* const part = cl_sdq(cl_buf ^ 1) + rank * (kTileFloats / kC);
-      auto valid = [&](int idx) { return kPartFloat4s % kNThreads == 0 || idx < kPartFloat4s; };
-      auto add4 = [](float4& a, float4 const& b) { a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w; };
-      // Chunks of four loads (16 registers), each chunk's loads issued together.
-      if constexpr (kC <= 4) {
-        constexpr int kSlots = 4 / kC;  // slots per chunk, every rank's value of each
-        CUTE_UNROLL
-        for (int it0 = 0; it0 < kIters; it0 += kSlots) {
-          float4 v[kSlots][kC];
-          CUTE_UNROLL
-          for (int g = 0; g < kSlots; ++g) {
-            int const idx = (it0 + g) * kNThreads + tidx;
-            CUTE_UNROLL
-            for (int p = 0; p < kC; ++p) {
-              if (it0 + g < kIters && valid(idx) && p < contributors) { v[g][p] = load_shared_cluster_f4(part + idx * 4, p); }
-            }
-          }
-          CUTE_UNROLL
-          for (int g = 0; g < kSlots; ++g) {
-            int const idx = (it0 + g) * kNThreads + tidx;
-            if (it0 + g < kIters && valid(idx)) {
-              float4 sum = v[g][0];
-              CUTE_UNROLL
-              for (int p = 1; p < kC; ++p) {
-                if (p < contributors) { add4(sum, v[g][p]); }
-              }
-              *reinterpret_cast<float4*>(part + idx * 4) = sum;
-            }
-          }
+      float* const part = sdq + rank * cl_part_floats;
+      for (int i = tidx * 4; i < cl_part_floats; i += kNThreads * 4) {
+        float4 sum = load_shared_cluster_f4(part + i, 0);
+        for (int p = 1; p < contributors; ++p) {
+          float4 const v = load_shared_cluster_f4(part + i, p);
+          sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
         }
-      } else {
-        CUTE_UNROLL
-        for (int it = 0; it < kIters; ++it) {
-          int const idx = it * kNThreads + tidx;
-          if (valid(idx)) {
-            float4 sum;
-            CUTE_UNROLL
-            for (int p0 = 0; p0 < kC; p0 += 4) {
-              float4 v[4];
-              CUTE_UNROLL
-              for (int p = 0; p < 4; ++p) {
-                if (p0 + p < contributors) { v[p] = load_shared_cluster_f4(part + idx * 4, p0 + p); }
-              }
-              CUTE_UNROLL
-              for (int p = 0; p < 4; ++p) {
-                if (p0 + p == 0) {
-                  sum = v[0];
-                } else if (p0 + p < contributors) {
-                  add4(sum, v[p]);
-                }
-              }
-            }
-            *reinterpret_cast<float4*>(part + idx * 4) = sum;
-          }
-        }
-      }
-    };
-    // Mid-step (and in the epilogue): the pending tile's sum; its reduction goes out after the next CTA
-    // barrier (cluster_issue).
-    auto cluster_reduce = [&] {
-      if constexpr (kClustered) {
-        if (cl_tile >= 0) {
-          cluster_wait_acquire();  // (X) every rank has staged the tile
-          if (cluster == 2) {
-            cluster_sum_rows(Int<2>{});
-          } else if (cluster == 4) {
-            cluster_sum_rows(Int<4>{});
-          } else {
-            cluster_sum_rows(Int<8>{});
-          }
-          fence_shared_for_bulk();
-          cluster_arrive_release();  // (Y) done reading the peers' buffers
-          cl_reads_pending = true;
-        }
-      }
-    };
-    auto cluster_issue = [&] {
-      if constexpr (kClustered) {
-        if (cl_tile >= 0) {
-          int const rows = min(min(kBlockM, binfo.seqlen_q - cl_tile * kBlockM) - rank * cl_part_rows, cl_part_rows);
-          if (tidx == 0 && rows > 0) {
-            bulk_reduce_add_f32(dq_accum_ptr + int64_t(cl_tile) * kTileFloats + rank * cl_part_rows * kHeadDim,
-                                cl_sdq(cl_buf ^ 1) + rank * cl_part_rows * kHeadDim, rows * kHeadDim * int(sizeof(float)));
-            bulk_commit();
-          }
-          cl_tile = -1;
-        }
+        *reinterpret_cast<float4*>(part + i) = sum;
       }
     };
     auto cluster_wait_reads = [&] {
-      if (kClustered && cl_reads_pending) {
-        cluster_wait_acquire();  // (Y)
+      if (kClusterable && cl_reads_pending) {
+        cluster_wait_acquire();
         cl_reads_pending = false;
-      }
-    };
-    // After this thread's staging stores of query block m (or none: a step its key block does not see).
-    auto cluster_staged = [&](int m) {
-      if constexpr (kClustered) {
-        cluster_arrive_release();  // (X)
-        cl_tile = m;
-        cl_buf ^= 1;
       }
     };
     // A CTA barrier that also hands the staged dQ tile, if any, to the copy engine: every writer fences its
     // own staging stores just before it (as late as possible: the fence waits for them), thread 0 issues
     // the reduction after it. Clustered: a cluster barrier, the sum of this CTA's rows, the reduction of them.
     auto barrier_flushing_dq = [&] CUTLASS_LAMBDA_FUNC_INLINE {
-      if constexpr (kClustered) {
-        __syncthreads();  // the cluster's dQ goes out mid-step (cluster_reduce, cluster_issue)
-        return;
+      if constexpr (kClusterable) {
+        {
+          if (cl_tile >= 0) {
+            cluster_arrive_release();
+            cluster_wait_acquire();  // the cluster's ranks have staged their dQ of cl_tile
+            cluster_sum_dq();
+            cluster_arrive_release();  // done reading the peers' tiles (waited for before sdq is rewritten)
+            cl_reads_pending = true;
+            fence_shared_for_bulk();
+            __syncthreads();
+            int const rows = min(min(kBlockM, binfo.seqlen_q - cl_tile * kBlockM) - rank * cl_part_rows, cl_part_rows);
+            if (tidx == 0 && rows > 0) {
+              bulk_reduce_add_f32(dq_accum_ptr + int64_t(cl_tile) * kBlockM * kHeadDim + rank * cl_part_floats,
+                                  sdq + rank * cl_part_floats, rows * kHeadDim * int(sizeof(float)));
+              bulk_commit();
+            }
+          } else {
+            __syncthreads();
+          }
+          dq_staged = -1;
+          cl_tile = -1;
+          return;
+        }
       }
       if (bulk_dq && dq_staged >= 0) { fence_shared_for_bulk(); }
       __syncthreads();
@@ -528,7 +451,6 @@ struct FlashBwdKernelSm80 {
           }
           cp_async_wait<0>();
           barrier_flushing_dq();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
-          cluster_reduce();  // clustered: the last step's dQ, summed over the cluster (out after the next barrier)
           // Where the next query block's Q and dO load: after the S and the dP GEMM; issued together here,
           // their copies queue in front of the S GEMM's ldmatrix (ncu, hdim 96: mio_throttle 2.00 cycles
           // per issue here, 0.74 spread; PERF_LOG b11). The deterministic mode loads here (PERF_LOG b13:
@@ -614,9 +536,9 @@ struct FlashBwdKernelSm80 {
           }
           Tensor rdS = convert_fragment<Element>(acc_dp);
           copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
-          if (bulk_dq && tidx == 0) { bulk_wait_read<0>(); }  // sdq (clustered: the other buffer) is free
+          if (bulk_dq && tidx == 0) { bulk_wait_read<0>(); }  // sdq is free for this step's dQ
+          cluster_wait_reads();  // and the cluster's peers are done reading it
           __syncthreads();  // P and dS are in shared memory
-          cluster_issue();
 
           // dQ first: its accumulator is written out after the dV and dK GEMMs, whose MMAs cover the dQ
           // MMAs' latency, instead of stalling the stores right behind its own last MMAs.
@@ -627,11 +549,7 @@ struct FlashBwdKernelSm80 {
                   tiled_mma_dkv, copy_a_dkv, copy_b_dkv, tidx);
           gemm_ss(acc_dk, tdVrPt, tdVrdOt, tdKsdSt, copy_b_dkv.get_thread_slice(tidx).partition_S(sQt(buf)),
                   tiled_mma_dkv, copy_a_dkv, copy_b_dkv, tidx);
-          if (kClustered) {
-            cluster_wait_reads();  // the peers are done reading this buffer
-            stage_dq(cl_sdq(cl_buf), acc_dq, tdQcdQ, dq_row_flip);
-            cluster_staged(m_block);
-          } else if (bulk_dq) {
+          if (bulk_dq) {
             stage_dq(sdq, acc_dq, tdQcdQ, dq_row_flip);
             dq_staged = m_block;
           } else {
@@ -662,13 +580,10 @@ struct FlashBwdKernelSm80 {
                 step(m, next(m), cute::true_type{});
               }
             } else {
-              cluster_reduce();
-              if (tidx == 0) { bulk_wait_read<0>(); }
-              __syncthreads();
-              cluster_issue();
+              barrier_flushing_dq();
               cluster_wait_reads();
-              cluster_staged(m);
             }
+            cl_tile = m;
           }
           m_block = -1;  // nothing left for the loops below
         } else if constexpr (kRotate) {
@@ -702,10 +617,7 @@ struct FlashBwdKernelSm80 {
       Tensor rdV = convert_fragment<Element>(acc_dv);
       auto copy_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, tiled_mma_dkv);
       auto thr_copy_dkv = copy_dkv.get_thread_slice(tidx);
-      cluster_reduce();  // clustered: the last step's dQ
-      if (kClustered && tidx == 0) { bulk_wait_read<0>(); }
       barrier_flushing_dq();  // every warp is done reading K and V (and has staged its last dQ)
-      cluster_issue();
       copy(copy_dkv, thr_copy_dkv.retile_S(rdK), thr_copy_dkv.partition_D(sK));
       copy(copy_dkv, thr_copy_dkv.retile_S(rdV), thr_copy_dkv.partition_D(sV));
       __syncthreads();

@@ -153,8 +153,7 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
       bool launched = false;
       if constexpr (!Kernel::Mask::kHasLeft) {
         if (params.dq_cluster > 1) {
-          err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true, true>>(kp, Traits::kClusterDqSmemBytes,
-                                                                                     stream);
+          err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true, true>>(kp, smem_bytes, stream);
           launched = true;
         }
       }
@@ -189,7 +188,7 @@ BwdKernelInfo bwd_kernel_info() {
     if (ordered_dq) {
       using DetKernel = FlashBwdKernelSm80<Traits, kMask, kMods, true, true>;
       for (int i = 0; i < 3; ++i) {
-        info.max_clusters[i] = max_active_clusters<DetKernel>(2 << i, Traits::kClusterDqSmemBytes);
+        info.max_clusters[i] = max_active_clusters<DetKernel>(2 << i, Traits::kBulkDqSmemBytes);
       }
     }
   }
