@@ -3,7 +3,6 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -411,10 +410,6 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
   kp.num_accum_slices = plan.num_accum_slices;
   kp.dq_cluster = plan.dq_cluster;
   kp.bulk_dq = plan.info.bulk_dq;
-  if (std::getenv("FLASH_ATTN2_DEBUG_PLAN") != nullptr) {  // for A/B runs: what the heuristics chose
-    std::fprintf(stderr, "flash_attn2 bwd plan: deterministic %d splits %d cluster %d slices %d ordered %d\n",
-                 int(p.deterministic), plan.num_splits, plan.dq_cluster, plan.num_accum_slices, int(plan.ordered_dq));
-  }
   if (plan.ordered_dq) {
     kp.dq_turns = reinterpret_cast<int*>(workspace + plan.dsum_bytes + plan.accum_bytes);
     kp.dq_turn_blocks = plan.dq_turn_blocks;
