@@ -77,42 +77,6 @@ CUTE_DEVICE void pass_turn(int* counter) {
 #endif
 }
 
-// Thread block clusters (sm_90+): the deterministic backward's CTAs of one split sum their dQ tiles
-// through each other's shared memory. Every thread of every CTA of the cluster calls the barrier halves,
-// alternating arrive and wait; release / acquire order the shared memory writes before the arrive with
-// the peers' reads after their wait.
-CUTE_DEVICE void cluster_arrive_release() {
-#ifdef FLASH_ATTN2_BULK_COPY
-  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-#else
-  __trap();
-#endif
-}
-CUTE_DEVICE void cluster_wait_acquire() {
-#ifdef FLASH_ATTN2_BULK_COPY
-  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#else
-  __trap();
-#endif
-}
-// The 16 bytes at `local` (this CTA's shared memory) of the cluster's CTA `rank`, through the
-// distributed shared memory window.
-CUTE_DEVICE float4 load_shared_cluster_f4(float const* local, int rank) {
-  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#ifdef FLASH_ATTN2_BULK_COPY
-  uint32_t const a = uint32_t(__cvta_generic_to_shared(local));
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(a), "r"(rank));
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(remote)
-               : "memory");
-#else
-  __trap();
-#endif
-  return v;
-}
-
 // Orders this thread's earlier generic-proxy writes to shared memory before later bulk copies that
 // read it (with a barrier between the writers and the issuing thread).
 CUTE_DEVICE void fence_shared_for_bulk() {

@@ -33,9 +33,7 @@ using namespace cute;
 // the only one that runs the ordered dQ (params.dq_turns) and, with params.early_loads, issues the next
 // query block's Q and dO at a step's start instead of between its GEMMs (see the step). Kept out of the
 // default kernels, whose registers it would cost (ptxas, bf16 hdim 128 causal: spills 40 -> 116 B).
-// kClustered: the deterministic kernel of the clustered mode (BwdKernelParams::dq_cluster; sm_90+, masks
-// without a left window edge), a third kernel so that the others keep their registers.
-template <class Traits, MaskMode kMask, Modifiers kMods, bool kDeterministic = false, bool kClustered = false>
+template <class Traits, MaskMode kMask, Modifiers kMods, bool kDeterministic = false>
 struct FlashBwdKernelSm80 {
   static constexpr bool kModifiers = kMods != Modifiers::kPlain;
   static constexpr bool kSoftcap = ScoreModifiers<kMods>::kSoftcap;
@@ -49,7 +47,6 @@ struct FlashBwdKernelSm80 {
   static constexpr int kSmemBytes = Traits::kSmemBytes;
   using SharedStorage = typename Traits::SharedStorage;
   using Mask = BlockMask<kMask, kBlockM, kBlockN>;
-  static_assert(!kClustered || (kDeterministic && !Mask::kHasLeft), "clusters: deterministic, no left edge");
   static_assert(dq_accum_perm_is_valid<kHeadDim>(), "dq_accum_col must permute the head dim's columns");
   static_assert((1 << kDqPairBit<kHeadDim>) == 8 * (Traits::kNWarps / Traits::kTile.warps_m_dq),
                 "stage_dq pairs fragments 8 x (warps along the head dim) columns apart: a power of two");
@@ -109,39 +106,16 @@ struct FlashBwdKernelSm80 {
   }
 
   CUTE_DEVICE void operator()(BwdKernelParams const& params, char* smem_buf) const {
-#ifndef FLASH_ATTN2_BULK_COPY
-    if constexpr (kClustered) {
-      __trap();  // no clusters before sm_90: the host never launches it there
-    } else {
-      run(params, smem_buf);
-    }
-#else
-    run(params, smem_buf);
-#endif
-  }
-
-  CUTE_DEVICE void run(BwdKernelParams const& params, char* smem_buf) const {
     int const tidx = threadIdx.x;
     int const splits = params.num_splits;
-    // The clustered deterministic mode (BwdKernelParams::dq_cluster): a split is a cluster of `cluster`
-    // CTAs (consecutive in blockIdx.x, `rank` within it) that take `cluster` consecutive key blocks at a
-    // time, walk the same query blocks in lockstep and sum their dQ tiles through distributed shared memory
-    // in rank order before one bulk reduction per CTA (1 / cluster of the rows) into the split's slice.
-    // Only masks without a left edge: their key blocks' query ranges are nested (all end at the last query
-    // block), so the lockstep walk is the first key block's range and rank 0 is in every step.
-    constexpr bool kClusterable = kClustered;  // (run() of kClustered is compiled for sm_90+ only)
-    constexpr bool clustered = kClustered;
-    int const cluster = clustered ? params.dq_cluster : 1;
-    int const rank = clustered ? int(blockIdx.x) % cluster : 0;
-    int const cta = clustered ? int(blockIdx.x) / cluster : int(blockIdx.x);
     // Without a mask the splits of one head are consecutive, sharing Q and dO in L2. Under one the first
     // key blocks see the most query blocks: longest first, in groups of heads whose Q, dO (16-bit) and dQ
     // accumulator (fp32) fit in L2 together (longest_first in collective/utils.h).
-    int bh = cta / splits;
-    int split = cta - bh * splits;
+    int bh = int(blockIdx.x) / splits;
+    int split = int(blockIdx.x) - bh * splits;
     if constexpr (kMask != MaskMode::kNone) {
       int64_t const q_bytes = int64_t(params.seqlen_q) * kHeadDim * (2 * int64_t(sizeof(Element)) + 4);
-      GridSlot const slot = longest_first(cta, splits, params.num_heads * params.batch, q_bytes);
+      GridSlot const slot = longest_first(int(blockIdx.x), splits, params.num_heads * params.batch, q_bytes);
       bh = slot.bh;
       split = slot.rank;
     }
@@ -151,10 +125,7 @@ struct FlashBwdKernelSm80 {
     BwdBlockInfo const binfo(params, batch, head);
     Mask const mask(binfo.seqlen_q, binfo.seqlen_k, params.window_left, params.window_right);
     int const n_blocks = num_n_blocks(binfo.seqlen_k);
-    // Groups of `cluster` consecutive key blocks (one each without clusters); a whole cluster returns here
-    // or none of it.
-    int const n_groups = (n_blocks + cluster - 1) / cluster;
-    if (split >= n_groups) { return; }
+    if (split >= n_blocks) { return; }
     int const head_dim = params.head_dim;
     ScoreModifiers<kMods> const modifiers(params, batch, head);
     // The scores' units as the loop holds them (raw, or tanh units for the softcap family); lse is in
@@ -269,7 +240,7 @@ struct FlashBwdKernelSm80 {
     // turn at a tile before it issues the tile's reduction, and passes the turn at the next issue (or the
     // key block's end), once the reduction is complete. Neither this nor passing it at the step's second
     // barrier beat the private slices (PERF_LOG b21): the mode is kept for A/B only.
-    bool const ordered_dq = kDeterministic && !kClustered && bulk_dq && params.dq_turns != nullptr;
+    bool const ordered_dq = kDeterministic && bulk_dq && params.dq_turns != nullptr;
 #else
     constexpr bool bulk_dq = false;
     constexpr bool ordered_dq = false;
@@ -306,66 +277,10 @@ struct FlashBwdKernelSm80 {
     int const dq_row_flip = dq_accum_row_flip(binfo.lse_offset + get<0>(tdQcdQ(0)));
     float* const sdq = reinterpret_cast<float*>(smem_buf + Traits::kDqSmemOffset);
     int dq_staged = -1;  // the query block whose dQ waits in sdq, or -1
-    // Clustered: the query block the cluster staged in its last lockstep step (or -1), the first key block
-    // of the cluster's group, and whether this CTA's reads of its peers' staging tiles may be in flight
-    // (then it waits for the whole cluster's before it rewrites its own tile or exits).
-    int cl_tile = -1;
-    int cl_first_n = 0;
-    bool cl_reads_pending = false;
-    int const cl_part_rows = kBlockM / cluster;
-    int const cl_part_floats = cl_part_rows * kHeadDim;
-    // This CTA's rows of the cluster's tile cl_tile: the sum, in rank order, of the staging tiles of the
-    // ranks that see it (ranks 0 .. k-1: key blocks of one group, query ranges nested), into its own tile.
-    auto cluster_sum_dq = [&] {
-      int contributors = 1;  // rank 0 sees every query block of the walk
-      while (contributors < cluster && cl_first_n + contributors < n_blocks &&
-             mask.m_block_begin(cl_first_n + contributors) <= cl_tile) {
-        ++contributors;
-      }
-      float* const part = sdq + rank * cl_part_floats;
-      for (int i = tidx * 4; i < cl_part_floats; i += kNThreads * 4) {
-        float4 sum = load_shared_cluster_f4(part + i, 0);
-        for (int p = 1; p < contributors; ++p) {
-          float4 const v = load_shared_cluster_f4(part + i, p);
-          sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
-        }
-        *reinterpret_cast<float4*>(part + i) = sum;
-      }
-    };
-    auto cluster_wait_reads = [&] {
-      if (kClusterable && cl_reads_pending) {
-        cluster_wait_acquire();
-        cl_reads_pending = false;
-      }
-    };
     // A CTA barrier that also hands the staged dQ tile, if any, to the copy engine: every writer fences its
     // own staging stores just before it (as late as possible: the fence waits for them), thread 0 issues
-    // the reduction after it. Clustered: a cluster barrier, the sum of this CTA's rows, the reduction of them.
+    // the reduction after it.
     auto barrier_flushing_dq = [&] CUTLASS_LAMBDA_FUNC_INLINE {
-      if constexpr (kClusterable) {
-        {
-          if (cl_tile >= 0) {
-            cluster_arrive_release();
-            cluster_wait_acquire();  // the cluster's ranks have staged their dQ of cl_tile
-            cluster_sum_dq();
-            cluster_arrive_release();  // done reading the peers' tiles (waited for before sdq is rewritten)
-            cl_reads_pending = true;
-            fence_shared_for_bulk();
-            __syncthreads();
-            int const rows = min(min(kBlockM, binfo.seqlen_q - cl_tile * kBlockM) - rank * cl_part_rows, cl_part_rows);
-            if (tidx == 0 && rows > 0) {
-              bulk_reduce_add_f32(dq_accum_ptr + int64_t(cl_tile) * kBlockM * kHeadDim + rank * cl_part_floats,
-                                  sdq + rank * cl_part_floats, rows * kHeadDim * int(sizeof(float)));
-              bulk_commit();
-            }
-          } else {
-            __syncthreads();
-          }
-          dq_staged = -1;
-          cl_tile = -1;
-          return;
-        }
-      }
       if (bulk_dq && dq_staged >= 0) { fence_shared_for_bulk(); }
       __syncthreads();
       if (bulk_dq) {
@@ -393,30 +308,23 @@ struct FlashBwdKernelSm80 {
 
     // Round r of a split takes key block r * splits + (split, or splits - 1 - split on odd rounds): the
     // zigzag evens out causal work (lower key blocks see more queries) across a deterministic run's splits.
-    // Clustered, the same over the groups: group g is key blocks g * cluster + rank.
-    for (int round = 0, group = split; group < n_groups;
-         ++round, group = round * splits + (round % 2 == 0 ? split : splits - 1 - split)) {
-      int const n_block = group * cluster + rank;
-      bool const real = n_block < n_blocks;  // false only for high ranks of a head's last cluster group
-      cl_first_n = group * cluster;
+    for (int round = 0, n_block = split; n_block < n_blocks;
+         ++round, n_block = round * splits + (round % 2 == 0 ? split : splits - 1 - split)) {
       int const rows_k = binfo.seqlen_k - n_block * kBlockN;
-      int const m_block_begin = real ? mask.m_block_begin(n_block) : 0;
-      int const m_block_end = real ? mask.m_block_end(n_block) : 0;
+      int const m_block_begin = mask.m_block_begin(n_block);
+      int const m_block_end = mask.m_block_end(n_block);
 
       Tensor acc_dk = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
       Tensor acc_dv = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
       clear(acc_dk);
       clear(acc_dv);
 
-      bool const sees = m_block_begin < m_block_end;
-      if (sees || clustered) {  // clustered: a CTA takes its part of every lockstep step, seen or not
-        if (sees) {
-          __syncthreads();  // a previous key block's epilogue is done with sK and sV
-          copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(k_ptr, params.k_row_stride, n_block, Int<kBlockN>{})),
-                          gmem_thr_copy.partition_D(sK), tKVcKV, rows_k, head_dim);
-          copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n_block, Int<kBlockN>{})),
-                          gmem_thr_copy.partition_D(sV), tKVcKV, rows_k, head_dim);
-        }
+      if (m_block_begin < m_block_end) {
+        __syncthreads();  // a previous key block's epilogue is done with sK and sV
+        copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(k_ptr, params.k_row_stride, n_block, Int<kBlockN>{})),
+                        gmem_thr_copy.partition_D(sK), tKVcKV, rows_k, head_dim);
+        copy_tile<true>(gmem_tiled_copy, gmem_thr_copy.partition_S(tile(v_ptr, params.v_row_stride, n_block, Int<kBlockN>{})),
+                        gmem_thr_copy.partition_D(sV), tKVcKV, rows_k, head_dim);
         // The bare steps of a key block (those that see all of it) are alike, and may run in any order: key
         // block n starts them at bare query block n (mod their count) from the last, so a head's key blocks,
         // which run side by side, add into different dQ tiles instead of all into the same one at once
@@ -427,10 +335,9 @@ struct FlashBwdKernelSm80 {
         int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
         int const m_bare = m_block_end - m_block_unmasked_begin;  // >= 0
         // The ordered dQ needs every key block of a head to walk the query blocks in the same order.
-        int const m_first = kRotate && m_bare > 0 && !ordered_dq && !clustered
-                                ? m_block_end - 1 - n_block % m_bare
-                                : m_block_end - 1;
-        if (sees) { load_q_do(m_first, 0); }  // one group with K and V
+        int const m_first =
+            kRotate && m_bare > 0 && !ordered_dq ? m_block_end - 1 - n_block % m_bare : m_block_end - 1;
+        load_q_do(m_first, 0);  // one group with K and V
 
         int buf = 0;
         // Forced inline: step is called from several loops, and an outlined step would take the register
@@ -537,7 +444,6 @@ struct FlashBwdKernelSm80 {
           Tensor rdS = convert_fragment<Element>(acc_dp);
           copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
           if (bulk_dq && tidx == 0) { bulk_wait_read<0>(); }  // sdq is free for this step's dQ
-          cluster_wait_reads();  // and the cluster's peers are done reading it
           __syncthreads();  // P and dS are in shared memory
 
           // dQ first: its accumulator is written out after the dV and dK GEMMs, whose MMAs cover the dQ
@@ -568,25 +474,7 @@ struct FlashBwdKernelSm80 {
         // those that straddle the diagonal or see the zero-filled tail (masked).
         auto next = [&](int m_block) { return m_block > m_block_begin ? m_block - 1 : -1; };
         int m_block = m_block_end - 1;
-        if constexpr (clustered) {
-          // Lockstep, from the last query block down to the group's first key block's first: this CTA's
-          // steps where its key block sees the query block (bare, then the masked ones below), elsewhere
-          // only its part of the cluster's dQ sum.
-          for (int m = mask.m_blocks() - 1, lo = mask.m_block_begin(cl_first_n); m >= lo; --m) {
-            if (m >= m_block_begin && m < m_block_end) {
-              if (m >= m_block_unmasked_begin) {
-                step(m, next(m), cute::false_type{});
-              } else {
-                step(m, next(m), cute::true_type{});
-              }
-            } else {
-              barrier_flushing_dq();
-              cluster_wait_reads();
-            }
-            cl_tile = m;
-          }
-          m_block = -1;  // nothing left for the loops below
-        } else if constexpr (kRotate) {
+        if constexpr (kRotate) {
           m_block = m_first;
           for (int i = 0; i < m_bare; ++i) {
             int const after = i + 1 == m_bare ? next(m_block_unmasked_begin)
@@ -631,22 +519,18 @@ struct FlashBwdKernelSm80 {
       Tensor tdVrdV = make_fragment_like(tdVsdV);
       copy(gmem_tiled_copy_store, tdKsdK, tdKrdK);
       copy(gmem_tiled_copy_store, tdVsdV, tdVrdV);
-      if (real) {
-        copy_tile<false>(gmem_tiled_copy_store, tdKrdK,
-                         gmem_thr_copy_store.partition_D(tile(dk_ptr, params.dk_row_stride, n_block, Int<kBlockN>{})),
-                         tdKVcdKV, rows_k, head_dim);
-        copy_tile<false>(gmem_tiled_copy_store, tdVrdV,
-                         gmem_thr_copy_store.partition_D(tile(dv_ptr, params.dv_row_stride, n_block, Int<kBlockN>{})),
-                         tdKVcdKV, rows_k, head_dim);
-      }
+      copy_tile<false>(gmem_tiled_copy_store, tdKrdK,
+                       gmem_thr_copy_store.partition_D(tile(dk_ptr, params.dk_row_stride, n_block, Int<kBlockN>{})),
+                       tdKVcdKV, rows_k, head_dim);
+      copy_tile<false>(gmem_tiled_copy_store, tdVrdV,
+                       gmem_thr_copy_store.partition_D(tile(dv_ptr, params.dv_row_stride, n_block, Int<kBlockN>{})),
+                       tdKVcdKV, rows_k, head_dim);
       // Before sdq is rewritten and before the next key block revisits these rows (deterministic
-      // mode's order of additions), and before the CTA exits: the reductions are complete, and (clustered)
-      // the peers are done reading this CTA's staging tile.
+      // mode's order of additions), and before the CTA exits: the reductions are complete.
       if (bulk_dq && tidx == 0) {
         bulk_wait_all();
         if (ordered_dq) { pass_dq_turn(); }
       }
-      cluster_wait_reads();
     }
   }
 };

@@ -23,11 +23,6 @@ struct BwdKernelParams : BwdParams {
   int64_t lse_rows = 0;       // batch * num_heads * seqlen_q, or num_heads * total_q
   int num_splits = 1;         // CTAs per (batch, head); each takes every num_splits-th key block (zigzag)
   int num_accum_slices = 1;   // private slices: num_splits; ordered (dq_turns): its chains; else 1
-  // Deterministic with bulk_dq, masks without a left window edge: CTAs per thread block cluster (> 1: the
-  // kernel is launched in clusters of that many CTAs). A cluster is one split: its CTAs take consecutive key
-  // blocks and walk the same query blocks in lockstep, summing their dQ tiles through distributed shared
-  // memory in rank order; each CTA adds 1 / dq_cluster of the rows into the split's slice.
-  int dq_cluster = 1;
   // Deterministic with bulk_dq: int32 zeros, one per (batch, head, chain, query block of the backward's
   // tile), ((batch * num_heads + head) * num_accum_slices + chain) * dq_turn_blocks + m_block. Key block n
   // is in chain n % num_accum_slices and adds into that slice. A counter counts the key blocks of its chain

@@ -271,7 +271,6 @@ struct BwdPlan {
   int num_splits = 0;
   int num_accum_slices = 0;
   bool ordered_dq = false;  // deterministic through dq_turns (BwdKernelParams)
-  int dq_cluster = 1;       // deterministic in clusters (BwdKernelParams::dq_cluster)
   int dq_turn_blocks = 0;
   size_t dsum_bytes = 0;
   size_t accum_bytes = 0;
@@ -303,43 +302,6 @@ int ordered_dq_chains(int n_blocks) {
   return std::max(1, std::min(chains, n_blocks));
 }
 
-// The clustered deterministic mode (BwdKernelParams::dq_cluster; FLASH_ATTN2_BWD_DET=slices or ordered
-// turns it off): a split is a cluster of c CTAs that take c consecutive key blocks at a time in lockstep and
-// sum their dQ in shared memory, so a slice is read and written once per c key blocks, and Q and dO once per
-// cluster. Picks (c, splits) by an estimate of the time in key-block sweeps: waves of clusters (as many run
-// at once as the occupancy query says) x groups of key blocks per split, times the lockstep's idle steps
-// under a causal mask (rank r's key block sees r * block_n / block_m fewer query blocks than rank 0's) and
-// a little per extra slice (zeroed and summed: memory traffic). FLASH_ATTN2_BWD_DET_CLUSTER forces c.
-// Returns false where the kernel or the device has no clusters.
-bool choose_cluster(BwdParams const& p, BwdKernelInfo const& info, int& cluster, int& splits) {
-  if (char const* mode = std::getenv("FLASH_ATTN2_BWD_DET"); mode != nullptr && std::strcmp(mode, "cluster") != 0) {
-    return false;
-  }
-  int forced = 0;
-  if (char const* env = std::getenv("FLASH_ATTN2_BWD_DET_CLUSTER"); env != nullptr) { forced = std::atoi(env); }
-  int const n_blocks = (p.seqlen_k + info.block_n - 1) / info.block_n;
-  int const m_blocks = std::max((p.seqlen_q + info.block_m - 1) / info.block_m, 1);
-  int64_t const heads = int64_t(p.batch) * p.num_heads;
-  bool const causal = p.mask != MaskMode::kNone;
-  double best = 0.0;
-  cluster = 0;
-  for (int i = 0; i < 3; ++i) {
-    int const c = 2 << i;
-    int const slots = info.max_clusters[i];
-    if (slots <= 0 || (forced > 0 && c != forced) || (forced == 0 && c > n_blocks)) { continue; }
-    int const groups = (n_blocks + c - 1) / c;
-    double const idle = causal ? double(c - 1) * info.block_n / info.block_m / m_blocks : 0.0;
-    for (int s = 1; s <= std::min(groups, 16); ++s) {
-      int64_t const clusters = heads * s;
-      int64_t const waves = (clusters + slots - 1) / slots;
-      int64_t const rounds = (groups + s - 1) / s;
-      double const time = double(waves * rounds) * (1.0 + idle) * (1.0 + 0.01 * (s - 1)) * (1.0 + 0.08 / c);
-      if (cluster == 0 || time < best * (1.0 - 1e-9)) { best = time, cluster = c, splits = s; }
-    }
-  }
-  return cluster > 1;
-}
-
 Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   if (Status const checked = check_params(p, &p); !checked.ok()) { return checked; }
   if ((int64_t(p.seqlen_k) + 15) / 16 * p.num_heads * p.batch > INT32_MAX) {
@@ -354,18 +316,11 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   plan.info = plan.kernel->info();
   BwdKernelInfo const& info = plan.info;
   plan.ordered_dq = p.deterministic && info.ordered_dq && ordered_dq_enabled();
-  int cluster_splits = 0;
-  if (p.deterministic && !plan.ordered_dq && choose_cluster(p, info, plan.dq_cluster, cluster_splits)) {
-    plan.num_splits = cluster_splits;
-    plan.num_accum_slices = cluster_splits;
-  } else {
-    plan.dq_cluster = 1;
-    bool const private_slices = p.deterministic && !plan.ordered_dq;
-    plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1), private_slices);
-    plan.num_accum_slices = private_slices    ? std::max(plan.num_splits, 1)
-                            : plan.ordered_dq ? ordered_dq_chains(plan.num_splits)
-                                              : 1;
-  }
+  bool const private_slices = p.deterministic && !plan.ordered_dq;
+  plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1), private_slices);
+  plan.num_accum_slices = private_slices    ? std::max(plan.num_splits, 1)
+                          : plan.ordered_dq ? ordered_dq_chains(plan.num_splits)
+                                            : 1;
   int64_t const rows = lse_rows(p);
   plan.dsum_bytes = align_up(size_t(rows) * sizeof(float));
   plan.accum_bytes = align_up(size_t(plan.num_accum_slices) * size_t(rows) * info.head_dim * sizeof(float));
@@ -408,7 +363,6 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
   kp.lse_rows = lse_rows(p);
   kp.num_splits = plan.num_splits;
   kp.num_accum_slices = plan.num_accum_slices;
-  kp.dq_cluster = plan.dq_cluster;
   kp.bulk_dq = plan.info.bulk_dq;
   if (plan.ordered_dq) {
     kp.dq_turns = reinterpret_cast<int*>(workspace + plan.dsum_bytes + plan.accum_bytes);

@@ -22,9 +22,6 @@ struct BwdKernelInfo {
   int head_dim;
   bool bulk_dq;     // the current device runs it with the Hopper bulk dQ reductions (BwdKernelParams::bulk_dq)
   bool ordered_dq;  // and its deterministic mode with the ordered dQ (BwdKernelParams::dq_turns)
-  // Clusters of 2, 4 and 8 CTAs of the deterministic kernel the device runs at once (0: no clustered
-  // deterministic mode, BwdKernelParams::dq_cluster).
-  int max_clusters[3] = {0, 0, 0};
 };
 template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream);

@@ -2,8 +2,6 @@
 // Included only by the generated instantiation files.
 #pragma once
 
-#include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -33,71 +31,19 @@ inline bool bulk_dq_available(int smem_bytes) {
   return major >= 9 && smem_bytes <= optin;
 }
 
-// The main kernel's launch (its shared memory opt-in, then the grid; in clusters of kp.dq_cluster CTAs
-// where that is > 1).
+// The main kernel's launch (its shared memory opt-in, then the grid).
 template <class Kernel>
 cudaError_t launch_bwd_main(BwdKernelParams const& kp, int smem_bytes, cudaStream_t stream) {
   auto kernel = &device_kernel<Kernel, BwdKernelParams>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) { return err; }
-  int const cluster = std::max(kp.dq_cluster, 1);
-  int64_t const blocks = int64_t(kp.num_splits) * cluster * kp.num_heads * kp.batch;
+  int64_t const blocks = int64_t(kp.num_splits) * kp.num_heads * kp.batch;
   if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
-  if (blocks > 0 && cluster > 1) {
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = unsigned(cluster);
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(blocks));
-    config.blockDim = dim3(unsigned(Kernel::kNThreads));
-    config.dynamicSmemBytes = size_t(smem_bytes);
-    config.stream = stream;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    err = cudaLaunchKernelEx(&config, kernel, kp);
-  } else if (blocks > 0) {
+  if (blocks > 0) {
     kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, smem_bytes, stream>>>(kp);
     err = cudaGetLastError();
   }
   return err;
-}
-
-// How many clusters of `cluster` CTAs of Kernel the current device runs at once (0 where it has no
-// clusters or the query fails), cached per device: the clustered deterministic mode's split choice.
-template <class Kernel>
-int max_active_clusters(int cluster, int smem_bytes) {
-  constexpr int kDevices = 64;
-  constexpr int kSizes = 4;  // clusters of 2, 4, 8 CTAs (index log2 - 1)
-  static std::atomic<int> cached[kDevices][kSizes] = {};  // value + 1; 0: not queried yet
-  int const index = cluster == 2 ? 0 : cluster == 4 ? 1 : cluster == 8 ? 2 : -1;
-  int device = 0;
-  if (index < 0 || cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  if (int const value = cached[device][index].load(std::memory_order_relaxed); value > 0) { return value - 1; }
-  int major = 0, clusters = 0;
-  auto kernel = &device_kernel<Kernel, BwdKernelParams>;
-  if (current_device_attribute(cudaDevAttrComputeCapabilityMajor, major) == cudaSuccess && major >= 9 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess) {
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = unsigned(cluster);
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(cluster));
-    config.blockDim = dim3(unsigned(Kernel::kNThreads));
-    config.dynamicSmemBytes = size_t(smem_bytes);
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) { clusters = 0; }
-  }
-  (void)cudaGetLastError();
-  cached[device][index].store(clusters + 1, std::memory_order_relaxed);
-  return clusters;
 }
 
 template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
@@ -139,25 +85,13 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if constexpr (kMods == Modifiers::kPlain && Traits::kStages == 2) {
     if (params.deterministic) {
-      if (params.dq_cluster > 1) {
-        // Clustered: Q and dO are shared by the cluster's lockstep CTAs in L2 (FLASH_ATTN2_BWD_DET_LOADS
-        // for A/B).
-        char const* loads = std::getenv("FLASH_ATTN2_BWD_DET_LOADS");
-        kp.early_loads = loads != nullptr && std::strcmp(loads, "early") == 0;
-      } else if (params.dq_turns == nullptr) {
+      if (params.dq_turns == nullptr) {
         kp.early_loads = true;
       } else {
         char const* loads = std::getenv("FLASH_ATTN2_BWD_DET_LOADS");
         kp.early_loads = loads != nullptr && std::strcmp(loads, "early") == 0;
       }
-      bool launched = false;
-      if constexpr (!Kernel::Mask::kHasLeft) {
-        if (params.dq_cluster > 1) {
-          err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true, true>>(kp, smem_bytes, stream);
-          launched = true;
-        }
-      }
-      if (!launched) { err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream); }
+      err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
     } else if (char const* which = std::getenv("FLASH_ATTN2_BWD_KERNEL"); which != nullptr && std::strcmp(which, "det") == 0) {
       err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);  // A/B only
     } else {
@@ -181,18 +115,7 @@ BwdKernelInfo bwd_kernel_info() {
   using Traits = BwdTraitsSm80<ElementOf<kDType>, kHeadDim>;
   bool const bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kBulkDqSmemBytes);
   bool const ordered_dq = bulk_dq && kMods == Modifiers::kPlain && Traits::kStages == 2;
-  BwdKernelInfo info{Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim, bulk_dq, ordered_dq};
-  // The clustered deterministic mode: the deterministic kernel, masks without a left window edge.
-  if constexpr (kMods == Modifiers::kPlain && Traits::kStages == 2 &&
-                !BlockMask<kMask, Traits::kBlockM, Traits::kBlockN>::kHasLeft) {
-    if (ordered_dq) {
-      using DetKernel = FlashBwdKernelSm80<Traits, kMask, kMods, true, true>;
-      for (int i = 0; i < 3; ++i) {
-        info.max_clusters[i] = max_active_clusters<DetKernel>(2 << i, Traits::kBulkDqSmemBytes);
-      }
-    }
-  }
-  return info;
+  return {Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim, bulk_dq, ordered_dq};
 }
 
 }  // namespace flash_attn2
