@@ -103,12 +103,13 @@ def _uncompiled_head_dim_cases():
 # Running the backward, and the pass rule.
 
 
-def poison_backward_of(q, k, mask="none"):
+def poison_backward_of(q, k, mask="none", slices=1):
     """Fill blocks the size of the backward op's allocations for ``q`` and ``k`` (dense or packed) with NaN
     and free them together: the caching allocator hands that memory to the op's next allocations of the
     same sizes, so elements the kernels never write (or a scratch buffer they never clear) read as NaN.
     The blocks: dq; dk and dv per query head (GQA sums them afterwards into k's shape); and the float32
-    workspace (a row sum per query row and head, and the dq accumulator at the kernel's head dim)."""
+    workspace (a row sum per query row and head, and the dq accumulator at the kernel's head dim, times
+    ``slices``: the deterministic mode's private slices are one accumulator per split)."""
     dtype_name = {v: n for n, v in TORCH_DTYPES.items()}[q.dtype]
     padded = _padded(q.shape[-1])
     nheads = q.shape[-2]
@@ -119,17 +120,17 @@ def poison_backward_of(q, k, mask="none"):
         torch.full(q.shape[:-1] + (padded,), float("nan"), dtype=q.dtype, device="cuda"),
         torch.full(kv_per_query_head, float("nan"), dtype=q.dtype, device="cuda"),
         torch.full(kv_per_query_head, float("nan"), dtype=q.dtype, device="cuda"),
-        torch.full((rows * (1 + kernel_head_dim),), float("nan"), dtype=torch.float32, device="cuda"),
+        torch.full((rows * (1 + slices * kernel_head_dim),), float("nan"), dtype=torch.float32, device="cuda"),
     ]
     del blocks
 
 
-def run_backward(attention, inputs, grad_out, mask="none", k_like=None):
+def run_backward(attention, inputs, grad_out, mask="none", k_like=None, slices=1):
     """``torch.autograd.grad(attention(*inputs), inputs, grad_out)`` with the backward on poisoned memory.
     ``inputs`` require grad (leaves, or views of leaves); the poisoned blocks are sized for q (shaped like
     grad_out) and k (``k_like``, by default the second input: pass it for packed inputs)."""
     out = attention(*inputs)
-    poison_backward_of(grad_out, inputs[1] if k_like is None else k_like, mask)
+    poison_backward_of(grad_out, inputs[1] if k_like is None else k_like, mask, slices)
     return torch.autograd.grad(out, inputs, grad_out)
 
 
@@ -393,6 +394,34 @@ def test_deterministic_modes_at_length(kernel, mode, monkeypatch):
     first = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)
     again = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)
     assert_equal_grads(again, first, f"deterministic=True ({mode}) must reproduce its bits")
+    assert_grads_match_reference(first, q, k, v, grad_out, causal)
+
+
+DET_SLICE_SHAPES = [(2, 1, 300, 8, 2), (2, 300, 1, 8, 2), (4, 1000, 2000, 8, 2), (4, 2000, 1000, 8, 8),
+                    (4, 1999, 1999, 8, 4)]
+"""(batch, s_q, s_k, heads, kv heads): one query block; keys that one key block holds (causal rows that see
+none); batch 4 x 8 heads over 1-2k keys, which the slices split 4 ways with 2-4 key blocks each (several
+rounds per split, the first storing, the later ones adding); mid-tile lengths."""
+
+
+@pytest.mark.parametrize("walk,store", [("serpentine", "store"), ("rotate", "store"), ("serpentine", "add")])
+@pytest.mark.parametrize("shape", DET_SLICE_SHAPES, ids=lambda s: "b{}_q{}_k{}_h{}_{}".format(*s))
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
+def test_deterministic_slice_options(kernel, shape, walk, store, monkeypatch):
+    """The private slices' options: the serpentine walk (FLASH_ATTN2_BWD_DET_WALK=rotate: the default
+    kernel's rotated one) and the first key block storing its dq tiles instead of adding them into zeroed
+    slices (FLASH_ATTN2_BWD_DET_STORE=add: memset and add). The allocator is NaN-filled before each run, so a
+    slice row that nobody stored or zeroed shows. Each reproduces its bits and matches the reference."""
+    causal = kernel.mask == "causal"
+    monkeypatch.setenv("FLASH_ATTN2_BWD_DET_WALK", walk)
+    monkeypatch.setenv("FLASH_ATTN2_BWD_DET_STORE", store)
+    batch, seqlen_q, seqlen_k, nheads, nheads_k = shape
+    q, k, v = make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
+    grad_out = torch.randn_like(q)
+    # The poisoned workspace block covers up to 8 slices (these shapes take at most 4).
+    first = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask, slices=8)
+    again = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask, slices=8)
+    assert_equal_grads(again, first, f"deterministic=True ({walk}, {store}) must reproduce its bits")
     assert_grads_match_reference(first, q, k, v, grad_out, causal)
 
 

@@ -28,6 +28,20 @@ CUTE_DEVICE void bulk_reduce_add_f32(float* gmem, float const* smem, int bytes) 
 #endif
 }
 
+// gmem[i] = smem[i] for `bytes` bytes (a multiple of 16, both addresses 16-byte aligned): a plain bulk copy,
+// for the first write of an accumulator tile that nothing was added to yet.
+CUTE_DEVICE void bulk_store(float* gmem, float const* smem, int bytes) {
+#ifdef FLASH_ATTN2_BULK_COPY
+  uint32_t const s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+               :
+               : "l"(gmem), "r"(s), "r"(bytes)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
 // Closes the issuing thread's bulk copies so far into one group.
 CUTE_DEVICE void bulk_commit() {
 #ifdef FLASH_ATTN2_BULK_COPY

@@ -125,7 +125,20 @@ struct FlashBwdKernelSm80 {
     BwdBlockInfo const binfo(params, batch, head);
     Mask const mask(binfo.seqlen_q, binfo.seqlen_k, params.window_left, params.window_right);
     int const n_blocks = num_n_blocks(binfo.seqlen_k);
-    if (split >= n_blocks) { return; }
+    float* const dq_accum_ptr =
+        params.dq_accum + (int64_t(split % params.num_accum_slices) * params.lse_rows + binfo.lse_offset) * kHeadDim;
+    // dq_store_first: this split's slice rows [row_begin, row_end) of the head get zeros, where no key block
+    // of the split adds (the slices are not zeroed beforehand).
+    auto zero_dq_rows = [&](int row_begin, int row_end) {
+      if (!kDeterministic || row_begin >= row_end) { return; }
+      float4* const base = reinterpret_cast<float4*>(dq_accum_ptr + int64_t(row_begin) * kHeadDim);
+      int const count = (row_end - row_begin) * (kHeadDim / 4);
+      for (int i = int(threadIdx.x); i < count; i += Traits::kNThreads) { base[i] = make_float4(0.f, 0.f, 0.f, 0.f); }
+    };
+    if (split >= n_blocks) {
+      if (kDeterministic && params.dq_store_first) { zero_dq_rows(0, binfo.seqlen_q); }
+      return;
+    }
     int const head_dim = params.head_dim;
     ScoreModifiers<kMods> const modifiers(params, batch, head);
     // The scores' units as the loop holds them (raw, or tanh units for the softcap family); lse is in
@@ -143,8 +156,6 @@ struct FlashBwdKernelSm80 {
     Element* const dv_ptr = static_cast<Element*>(params.dv) + binfo.dv_offset;
     float const* const lse_ptr = params.softmax_lse + binfo.lse_offset;
     float const* const dsum_ptr = params.dsum + binfo.lse_offset;
-    float* const dq_accum_ptr =
-        params.dq_accum + (int64_t(split % params.num_accum_slices) * params.lse_rows + binfo.lse_offset) * kHeadDim;
     // (rows, kHeadDim) tile `block` of a row-major operand; 32-bit offsets inside the tile.
     auto tile = [](auto* base, int64_t row_stride, int block, auto rows) {
       return make_tensor(make_gmem_ptr(base + int64_t(block) * decltype(rows)::value * row_stride),
@@ -277,6 +288,7 @@ struct FlashBwdKernelSm80 {
     int const dq_row_flip = dq_accum_row_flip(binfo.lse_offset + get<0>(tdQcdQ(0)));
     float* const sdq = reinterpret_cast<float*>(smem_buf + Traits::kDqSmemOffset);
     int dq_staged = -1;  // the query block whose dQ waits in sdq, or -1
+    bool dq_store = false;  // dq_store_first, the split's first key block: the staged tiles are stored
     // A CTA barrier that also hands the staged dQ tile, if any, to the copy engine: every writer fences its
     // own staging stores just before it (as late as possible: the fence waits for them), thread 0 issues
     // the reduction after it.
@@ -292,8 +304,12 @@ struct FlashBwdKernelSm80 {
             wait_turn(params.dq_turns + dq_turns_base + dq_staged, dq_turn(split, dq_staged));
             dq_unpassed = dq_staged;
           }
-          bulk_reduce_add_f32(dq_accum_ptr + int64_t(dq_staged) * kBlockM * kHeadDim, sdq,
-                              rows * kHeadDim * int(sizeof(float)));
+          if (kDeterministic && dq_store) {
+            bulk_store(dq_accum_ptr + int64_t(dq_staged) * kBlockM * kHeadDim, sdq, rows * kHeadDim * int(sizeof(float)));
+          } else {
+            bulk_reduce_add_f32(dq_accum_ptr + int64_t(dq_staged) * kBlockM * kHeadDim, sdq,
+                                rows * kHeadDim * int(sizeof(float)));
+          }
           bulk_commit();
         }
         dq_staged = -1;
@@ -306,6 +322,10 @@ struct FlashBwdKernelSm80 {
     Tensor tPsP = thr_copy_pds.partition_D(sP);
     Tensor tdSsdS = thr_copy_pds.partition_D(sdS);
 
+    bool const store_first = kDeterministic && bulk_dq && params.dq_store_first;
+    bool const serpentine = kDeterministic && params.det_serpentine;
+    int walks = 0;  // key blocks of this split that saw a query block so far
+
     // Round r of a split takes key block r * splits + (split, or splits - 1 - split on odd rounds): the
     // zigzag evens out causal work (lower key blocks see more queries) across a deterministic run's splits.
     for (int round = 0, n_block = split; n_block < n_blocks;
@@ -313,6 +333,17 @@ struct FlashBwdKernelSm80 {
       int const rows_k = binfo.seqlen_k - n_block * kBlockN;
       int const m_block_begin = mask.m_block_begin(n_block);
       int const m_block_end = mask.m_block_end(n_block);
+      // Storing first: round 0's key block is the split's lowest, and without a left window edge
+      // (dq_store_first's condition) every later one sees a subset of its query blocks.
+      dq_store = store_first && round == 0;
+      if (dq_store) {
+        if (m_block_begin < m_block_end) {
+          zero_dq_rows(0, m_block_begin * kBlockM);
+          zero_dq_rows(m_block_end * kBlockM, binfo.seqlen_q);
+        } else {
+          zero_dq_rows(0, binfo.seqlen_q);
+        }
+      }
 
       Tensor acc_dk = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
       Tensor acc_dv = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
@@ -335,8 +366,10 @@ struct FlashBwdKernelSm80 {
         int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
         int const m_bare = m_block_end - m_block_unmasked_begin;  // >= 0
         // The ordered dQ needs every key block of a head to walk the query blocks in the same order.
-        int const m_first =
-            kRotate && m_bare > 0 && !ordered_dq ? m_block_end - 1 - n_block % m_bare : m_block_end - 1;
+        bool const walk_up = serpentine && walks % 2 == 1;  // serpentine: odd walks ascend
+        int const m_first = walk_up                                       ? m_block_begin
+                            : kRotate && m_bare > 0 && !ordered_dq && !serpentine ? m_block_end - 1 - n_block % m_bare
+                                                                                  : m_block_end - 1;
         load_q_do(m_first, 0);  // one group with K and V
 
         int buf = 0;
@@ -469,28 +502,44 @@ struct FlashBwdKernelSm80 {
           if (kStages == 2) { buf ^= 1; }
         };
 
-        // Rotated: the bare steps, then the masked ones from the last down. Otherwise query blocks from the
-        // last down: those past the window's left edge (masked), those that see the whole key block (bare),
-        // those that straddle the diagonal or see the zero-filled tail (masked).
+        // The walk. Ascending (the deterministic kernel's serpentine, odd walks): bare where unmasked_begin
+        // <= m < unmasked_end, masked elsewhere. Descending, rotated (kRotate; from m_first, which is the last
+        // query block in the serpentine): the bare steps, then the masked ones from the last down. Otherwise
+        // from the last down: those past the window's left edge (masked), those that see the whole key block
+        // (bare), those that straddle the diagonal or see the zero-filled tail (masked).
         auto next = [&](int m_block) { return m_block > m_block_begin ? m_block - 1 : -1; };
         int m_block = m_block_end - 1;
-        if constexpr (kRotate) {
-          m_block = m_first;
-          for (int i = 0; i < m_bare; ++i) {
-            int const after = i + 1 == m_bare ? next(m_block_unmasked_begin)
-                              : m_block == m_block_unmasked_begin ? m_block_end - 1 : m_block - 1;
-            step(m_block, after, cute::false_type{});
-            m_block = after;
+        if (walk_up) {
+          auto next_up = [&](int m_block) { return m_block + 1 < m_block_end ? m_block + 1 : -1; };
+          int const m_block_unmasked_end =
+              Mask::kHasLeft ? max(mask.m_block_unmasked_end(n_block), m_block_begin) : m_block_end;
+          for (m_block = m_block_begin; m_block < min(m_block_unmasked_begin, m_block_unmasked_end); ++m_block) {
+            step(m_block, next_up(m_block), cute::true_type{});
           }
-          m_block = m_block_unmasked_begin - 1;
-        } else {
+          for (; m_block < m_block_unmasked_end; ++m_block) { step(m_block, next_up(m_block), cute::false_type{}); }
           if constexpr (Mask::kHasLeft) {
-            int const m_block_unmasked_end = max(mask.m_block_unmasked_end(n_block), m_block_begin);
-            for (; m_block >= m_block_unmasked_end; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
+            for (; m_block < m_block_end; ++m_block) { step(m_block, next_up(m_block), cute::true_type{}); }
           }
-          for (; m_block >= m_block_unmasked_begin; --m_block) { step(m_block, next(m_block), cute::false_type{}); }
+        } else {
+          if constexpr (kRotate) {
+            m_block = m_first;
+            for (int i = 0; i < m_bare; ++i) {
+              int const after = i + 1 == m_bare ? next(m_block_unmasked_begin)
+                                : m_block == m_block_unmasked_begin ? m_block_end - 1 : m_block - 1;
+              step(m_block, after, cute::false_type{});
+              m_block = after;
+            }
+            m_block = m_block_unmasked_begin - 1;
+          } else {
+            if constexpr (Mask::kHasLeft) {
+              int const m_block_unmasked_end = max(mask.m_block_unmasked_end(n_block), m_block_begin);
+              for (; m_block >= m_block_unmasked_end; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
+            }
+            for (; m_block >= m_block_unmasked_begin; --m_block) { step(m_block, next(m_block), cute::false_type{}); }
+          }
+          for (; m_block >= m_block_begin; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
         }
-        for (; m_block >= m_block_begin; --m_block) { step(m_block, next(m_block), cute::true_type{}); }
+        ++walks;
       }
 
       // Epilogue: dK picks up the softmax scale (dS is the gradient of the scaled scores); both go to

@@ -34,6 +34,15 @@ struct BwdKernelParams : BwdParams {
   // The deterministic kernel's placement of the next query block's loads (FlashBwdKernelSm80's
   // kDeterministic; set by the launcher).
   bool early_loads = false;
+  // The deterministic kernel with private slices (set by the launcher):
+  //  - det_serpentine: a split walks its key blocks' query blocks from the last down, then from the first up,
+  //    alternately, so that each key block starts on the query blocks (Q, dO, dQ slice tiles) its split
+  //    touched last, which are still in L2; else the rotated order of the default kernel.
+  //  - dq_store_first: the split's first key block (which, without a left window edge, sees every query
+  //    block any of its later ones sees) stores its dQ tiles instead of adding them and zeroes the slice's
+  //    rows it does not see, so that the slices need no memset (nor their first read from DRAM).
+  bool det_serpentine = false;
+  bool dq_store_first = false;
   // sm_90+: each CTA stages dQ in shared memory and adds it with bulk reductions (the dispatcher sets it
   // from BwdKernelInfo::bulk_dq: where the device has the shared memory, unless FLASH_ATTN2_BWD_DQ=atomic).
   bool bulk_dq = false;

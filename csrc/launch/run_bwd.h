@@ -55,6 +55,19 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   // params.bulk_dq is the dispatcher's copy of bwd_kernel_info's: the workspace was planned for it, and the
   // postprocess reads dq_accum in the layout the main kernel's path wrote it in.
   BwdKernelParams kp = params;
+  // The deterministic kernel's private-slice options (BwdKernelParams), on unless FLASH_ATTN2_BWD_DET_WALK=rotate
+  // or FLASH_ATTN2_BWD_DET_STORE=add (A/B). Storing first needs the bulk path (a tile's first write is a plain
+  // bulk copy) and no left window edge (the first key block of a split sees every query block its later
+  // ones do). Not for packed batches: rows of q past cu_seqlens_q's last offset belong to no sequence, and
+  // only the memset gives them their zero gradient.
+  constexpr bool kDetKernel = kMods == Modifiers::kPlain && Traits::kStages == 2;
+  if (kDetKernel && params.deterministic && params.dq_turns == nullptr) {
+    char const* walk = std::getenv("FLASH_ATTN2_BWD_DET_WALK");
+    char const* store = std::getenv("FLASH_ATTN2_BWD_DET_STORE");
+    kp.det_serpentine = walk == nullptr || std::strcmp(walk, "rotate") != 0;
+    kp.dq_store_first = kp.bulk_dq && kMask != MaskMode::kLocal && params.cu_seqlens_q == nullptr &&
+                        (store == nullptr || std::strcmp(store, "add") != 0);
+  }
 
   if (params.lse_rows > 0) {
     int64_t const blocks = Rows::num_blocks(params.lse_rows);
@@ -62,9 +75,11 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     bwd_preprocess_kernel<Element, kHeadDim><<<dim3(unsigned(blocks)), Rows::kThreads, 0, stream>>>(params);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) { return err; }
-    err = cudaMemsetAsync(params.dq_accum, 0,
-                          size_t(params.num_accum_slices) * size_t(params.lse_rows) * kHeadDim * sizeof(float), stream);
-    if (err != cudaSuccess) { return err; }
+    if (!kp.dq_store_first) {
+      err = cudaMemsetAsync(params.dq_accum, 0,
+                            size_t(params.num_accum_slices) * size_t(params.lse_rows) * kHeadDim * sizeof(float), stream);
+      if (err != cudaSuccess) { return err; }
+    }
     if (params.dq_turns != nullptr) {
       err = cudaMemsetAsync(params.dq_turns, 0,
                             size_t(params.batch) * params.num_heads * params.num_accum_slices * params.dq_turn_blocks *
