@@ -404,24 +404,36 @@ none); batch 4 x 8 heads over 1-2k keys, which the slices split 4 ways with 2-4 
 rounds per split, the first storing, the later ones adding); mid-tile lengths."""
 
 
-@pytest.mark.parametrize("walk,store", [("serpentine", "store"), ("rotate", "store"), ("serpentine", "add")])
+DET_OPTIONS = {
+    "slices": {},
+    "slices_serpentine": {"FLASH_ATTN2_BWD_DET_WALK": "serpentine"},
+    "slices_rotate": {"FLASH_ATTN2_BWD_DET_WALK": "rotate"},
+    "slices_add": {"FLASH_ATTN2_BWD_DET_STORE": "add"},
+    "slices_4": {"FLASH_ATTN2_BWD_DET_SPLITS": "4"},
+}
+"""The private slices' options: the walk (by default serpentine where a split is a whole head, else the
+default kernel's rotated one; FLASH_ATTN2_BWD_DET_WALK forces either), the first key block of a split storing
+its dq tiles (FLASH_ATTN2_BWD_DET_STORE=add: memset and add instead), and the splits per head
+(FLASH_ATTN2_BWD_DET_SPLITS)."""
+
+
+@pytest.mark.parametrize("option", list(DET_OPTIONS))
 @pytest.mark.parametrize("shape", DET_SLICE_SHAPES, ids=lambda s: "b{}_q{}_k{}_h{}_{}".format(*s))
 @pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
-def test_deterministic_slice_options(kernel, shape, walk, store, monkeypatch):
-    """The private slices' options: the serpentine walk (FLASH_ATTN2_BWD_DET_WALK=rotate: the default
-    kernel's rotated one) and the first key block storing its dq tiles instead of adding them into zeroed
-    slices (FLASH_ATTN2_BWD_DET_STORE=add: memset and add). The allocator is NaN-filled before each run, so a
-    slice row that nobody stored or zeroed shows. Each reproduces its bits and matches the reference."""
+def test_deterministic_options(kernel, shape, option, monkeypatch):
+    """Each option over shapes that give a split several rounds, rows that see no key and a single query
+    block. The allocator is NaN-filled before each run, so a slice row that nobody stored, zeroed or added
+    to shows. Each reproduces its bits and matches the reference."""
     causal = kernel.mask == "causal"
-    monkeypatch.setenv("FLASH_ATTN2_BWD_DET_WALK", walk)
-    monkeypatch.setenv("FLASH_ATTN2_BWD_DET_STORE", store)
+    for name, value in DET_OPTIONS[option].items():
+        monkeypatch.setenv(name, value)
     batch, seqlen_q, seqlen_k, nheads, nheads_k = shape
     q, k, v = make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
     grad_out = torch.randn_like(q)
     # The poisoned workspace block covers up to 8 slices (these shapes take at most 4).
     first = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask, slices=8)
     again = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask, slices=8)
-    assert_equal_grads(again, first, f"deterministic=True ({walk}, {store}) must reproduce its bits")
+    assert_equal_grads(again, first, f"deterministic=True ({option}) must reproduce its bits")
     assert_grads_match_reference(first, q, k, v, grad_out, causal)
 
 

@@ -318,6 +318,11 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   plan.ordered_dq = p.deterministic && info.ordered_dq && ordered_dq_enabled();
   bool const private_slices = p.deterministic && !plan.ordered_dq;
   plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1), private_slices);
+  // FLASH_ATTN2_BWD_DET_SPLITS overrides the private slices' splits per head (for A/B).
+  if (char const* env = std::getenv("FLASH_ATTN2_BWD_DET_SPLITS"); private_slices && env != nullptr && std::atoi(env) > 0) {
+    int const n_blocks = (p.seqlen_k + info.block_n - 1) / info.block_n;
+    plan.num_splits = std::max(1, std::min(std::atoi(env), n_blocks));
+  }
   plan.num_accum_slices = private_slices    ? std::max(plan.num_splits, 1)
                           : plan.ordered_dq ? ordered_dq_chains(plan.num_splits)
                                             : 1;

@@ -55,8 +55,8 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   // params.bulk_dq is the dispatcher's copy of bwd_kernel_info's: the workspace was planned for it, and the
   // postprocess reads dq_accum in the layout the main kernel's path wrote it in.
   BwdKernelParams kp = params;
-  // The deterministic kernel's private-slice options (BwdKernelParams), on unless FLASH_ATTN2_BWD_DET_WALK=rotate
-  // or FLASH_ATTN2_BWD_DET_STORE=add (A/B). Storing first needs the bulk path (a tile's first write is a plain
+  // The deterministic kernel's private-slice options (BwdKernelParams), FLASH_ATTN2_BWD_DET_WALK and
+  // FLASH_ATTN2_BWD_DET_STORE=add (A/B). Storing first needs the bulk path (a tile's first write is a plain
   // bulk copy) and no left window edge (the first key block of a split sees every query block its later
   // ones do). Not for packed batches: rows of q past cu_seqlens_q's last offset belong to no sequence, and
   // only the memset gives them their zero gradient.
@@ -64,7 +64,9 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   if (kDetKernel && params.deterministic && params.dq_turns == nullptr) {
     char const* walk = std::getenv("FLASH_ATTN2_BWD_DET_WALK");
     char const* store = std::getenv("FLASH_ATTN2_BWD_DET_STORE");
-    kp.det_serpentine = walk == nullptr || std::strcmp(walk, "rotate") != 0;
+    // Serpentine where a split is a whole head (PERF_LOG b23: with several splits per head the rotated walk
+    // measured better); FLASH_ATTN2_BWD_DET_WALK=serpentine|rotate forces either.
+    kp.det_serpentine = walk == nullptr ? params.num_splits == 1 : std::strcmp(walk, "rotate") != 0;
     kp.dq_store_first = kp.bulk_dq && kMask != MaskMode::kLocal && params.cu_seqlens_q == nullptr &&
                         (store == nullptr || std::strcmp(store, "add") != 0);
   }
