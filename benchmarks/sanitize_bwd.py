@@ -8,23 +8,27 @@ without the causal mask. Per kernel family of this build (the same families as s
 kernel's own head dim with GQA (2 query heads on 1 KV head, so the per-query-head dk/dv are summed),
 and 8 below it (the predicated-column path). Each case runs the backward in both modes: dq by atomic
 adds, and deterministic (per-split accumulators). A packed variable-length batch with lengths 0, 1 and
-a mid-tile tail runs once per family and mask.
+a mid-tile tail runs once per family and mask, and so does a deterministic backward whose one split per
+head walks three key blocks (FLASH_ATTN2_BWD_DET_SPLITS=1: the first stores its dq tiles into the private
+slice, the later ones add, walking the query blocks down and up).
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own allocation: otherwise an
 out-of-bounds access that lands inside PyTorch's cached pool is invisible to memcheck.
 """
 
 import itertools
+import os
 
 import torch
 from sanitize_common import BATCH, DTYPES, NHEADS, SHAPES, choose_cases, import_flash_attn2
 
 VARLEN_LENGTHS = ([65, 0, 1, 130], [70, 3, 0, 130])  # (q, k) per sequence: empty ones, one query, tails
+ROUNDS_SHAPE = (200, 300)  # (seqlen_q, seqlen_k): three key blocks of 128, rows past the tile at both ends
 
 
 def make_inputs(layout, lengths, head_dim, nheads_k, dtype):
     """q, k, v (requiring grad) and the varlen arguments (empty for a dense batch)."""
-    if layout == "dense":
+    if layout != "varlen":  # dense, rounds
         (seqlen_q, seqlen_k), varlen_args = lengths, ()
         q_shape, kv_shape = (BATCH, seqlen_q, NHEADS, head_dim), (BATCH, seqlen_k, nheads_k, head_dim)
     else:
@@ -67,7 +71,12 @@ def main():
         runs = [("dense", shape, deterministic) for shape in SHAPES for deterministic in (False, True)]
         if nheads_k == 1:  # one varlen batch per family and mask
             runs.append(("varlen", VARLEN_LENGTHS, False))
+            runs.append(("rounds", ROUNDS_SHAPE, True))
         for layout, lengths, deterministic in runs:
+            if layout == "rounds":
+                os.environ["FLASH_ATTN2_BWD_DET_SPLITS"] = "1"
+            else:
+                os.environ.pop("FLASH_ATTN2_BWD_DET_SPLITS", None)
             torch.manual_seed(0)
             q, k, v, varlen_args = make_inputs(layout, lengths, head_dim, nheads_k, dtype)
             grad_out = torch.randn_like(q)
@@ -76,7 +85,9 @@ def main():
             torch.cuda.synchronize()
             err = max_grad_error(flash_attn2, grads, q, k, v, grad_out, causal, varlen_args)
             worst = max(worst, err)
-            what = f"s_q {lengths[0]:3d} s_k {lengths[1]:3d}" if layout == "dense" else f"varlen {lengths}"
+            what = f"varlen {lengths}" if layout == "varlen" else f"s_q {lengths[0]:3d} s_k {lengths[1]:3d}"
+            if layout == "rounds":
+                what += " (one split)"
             print(f"{dtype_name} hdim {head_dim} h_k {nheads_k} {what} causal {causal!s:5s} "
                   f"deterministic {deterministic!s:5s}: max |grad - fp32 ref| {err:.2e}", flush=True)
     print(f"done; worst error {worst:.2e}")
