@@ -277,6 +277,13 @@ struct BwdPlan {
   size_t turns_bytes = 0;
 };
 
+// A positive integer from the environment variable `name` (A/B overrides), or 0 where it is unset or not one.
+int positive_env_int(char const* name) {
+  char const* env = std::getenv(name);
+  int const value = env != nullptr ? std::atoi(env) : 0;
+  return value > 0 ? value : 0;
+}
+
 // Deterministic backward: a private fp32 dQ slice per split (summed by the postprocess), the default; or,
 // on the bulk dQ path with FLASH_ATTN2_BWD_DET=ordered, one accumulator per chain that the key blocks add to
 // in turns (BwdKernelParams::dq_turns). The ordered mode lost to the slices in the A/B of PERF_LOG b21
@@ -295,11 +302,8 @@ bool ordered_dq_enabled() {
 // block waits about k turn hand-overs (a step each) before its first addition: more chains, less
 // waiting, more accumulator memory. FLASH_ATTN2_BWD_DET_CHAINS overrides (for A/B).
 int ordered_dq_chains(int n_blocks) {
-  int chains = 4;
-  if (char const* env = std::getenv("FLASH_ATTN2_BWD_DET_CHAINS"); env != nullptr && std::atoi(env) > 0) {
-    chains = std::atoi(env);
-  }
-  return std::max(1, std::min(chains, n_blocks));
+  int const chains = positive_env_int("FLASH_ATTN2_BWD_DET_CHAINS");
+  return std::max(1, std::min(chains > 0 ? chains : 4, n_blocks));
 }
 
 Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
@@ -319,9 +323,9 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   bool const private_slices = p.deterministic && !plan.ordered_dq;
   plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1), private_slices);
   // FLASH_ATTN2_BWD_DET_SPLITS overrides the private slices' splits per head (for A/B).
-  if (char const* env = std::getenv("FLASH_ATTN2_BWD_DET_SPLITS"); private_slices && env != nullptr && std::atoi(env) > 0) {
+  if (int const splits = positive_env_int("FLASH_ATTN2_BWD_DET_SPLITS"); private_slices && splits > 0) {
     int const n_blocks = (p.seqlen_k + info.block_n - 1) / info.block_n;
-    plan.num_splits = std::max(1, std::min(std::atoi(env), n_blocks));
+    plan.num_splits = std::max(1, std::min(splits, n_blocks));
   }
   plan.num_accum_slices = private_slices    ? std::max(plan.num_splits, 1)
                           : plan.ordered_dq ? ordered_dq_chains(plan.num_splits)

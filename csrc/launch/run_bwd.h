@@ -55,20 +55,34 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   // params.bulk_dq is the dispatcher's copy of bwd_kernel_info's: the workspace was planned for it, and the
   // postprocess reads dq_accum in the layout the main kernel's path wrote it in.
   BwdKernelParams kp = params;
-  // The deterministic kernel's private-slice options (BwdKernelParams), FLASH_ATTN2_BWD_DET_WALK and
-  // FLASH_ATTN2_BWD_DET_STORE=add (A/B). Storing first needs the bulk path (a tile's first write is a plain
-  // bulk copy) and no left window edge (the first key block of a split sees every query block its later
-  // ones do). Not for packed batches: rows of q past cu_seqlens_q's last offset belong to no sequence, and
-  // only the memset gives them their zero gradient.
+  // Deterministic calls of the plain family with two Q/dO stages take the deterministic kernel
+  // (FlashBwdKernelSm80's kDeterministic): a second kernel of each such instantiation rather than run-time
+  // switches in one, which cost the default kernels registers. Its options (BwdKernelParams), set here
+  // because the dQ memset below depends on them:
+  //  - early_loads: with private dQ slices it issues the next Q and dO at a step's start (PERF_LOG b13, bf16
+  //    hdim 64 / 128: deterministic / default backward time 1.12-1.32x -> 1.05-1.19x); the ordered mode
+  //    (dq_turns) keeps the default placement, its one accumulator staying in L2 as the atomic mode's does
+  //    (FLASH_ATTN2_BWD_DET_LOADS=early for A/B).
+  //  - det_serpentine where a split is a whole head (PERF_LOG b23: with several splits per head the rotated
+  //    walk measured better); FLASH_ATTN2_BWD_DET_WALK=serpentine|rotate forces either.
+  //  - dq_store_first (FLASH_ATTN2_BWD_DET_STORE=add turns it off, for A/B): needs the bulk path (a tile's
+  //    first write is a plain bulk copy) and no left window edge (the first key block of a split sees every
+  //    query block its later ones do). Not for packed batches: rows of q past cu_seqlens_q's last offset
+  //    belong to no sequence, and only the memset gives them their zero gradient.
+  // The modifier families and one-stage tiles keep one kernel for both, with private slices.
   constexpr bool kDetKernel = kMods == Modifiers::kPlain && Traits::kStages == 2;
-  if (kDetKernel && params.deterministic && params.dq_turns == nullptr) {
-    char const* walk = std::getenv("FLASH_ATTN2_BWD_DET_WALK");
-    char const* store = std::getenv("FLASH_ATTN2_BWD_DET_STORE");
-    // Serpentine where a split is a whole head (PERF_LOG b23: with several splits per head the rotated walk
-    // measured better); FLASH_ATTN2_BWD_DET_WALK=serpentine|rotate forces either.
-    kp.det_serpentine = walk == nullptr ? params.num_splits == 1 : std::strcmp(walk, "rotate") != 0;
-    kp.dq_store_first = kp.bulk_dq && kMask != MaskMode::kLocal && params.cu_seqlens_q == nullptr &&
-                        (store == nullptr || std::strcmp(store, "add") != 0);
+  if (kDetKernel && params.deterministic) {
+    if (params.dq_turns == nullptr) {
+      char const* walk = std::getenv("FLASH_ATTN2_BWD_DET_WALK");
+      char const* store = std::getenv("FLASH_ATTN2_BWD_DET_STORE");
+      kp.early_loads = true;
+      kp.det_serpentine = walk == nullptr ? params.num_splits == 1 : std::strcmp(walk, "rotate") != 0;
+      kp.dq_store_first = kp.bulk_dq && kMask != MaskMode::kLocal && params.cu_seqlens_q == nullptr &&
+                          (store == nullptr || std::strcmp(store, "add") != 0);
+    } else {
+      char const* loads = std::getenv("FLASH_ATTN2_BWD_DET_LOADS");
+      kp.early_loads = loads != nullptr && std::strcmp(loads, "early") == 0;
+    }
   }
 
   if (params.lse_rows > 0) {
@@ -92,22 +106,9 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   }
 
   int const smem_bytes = kp.bulk_dq ? Traits::kBulkDqSmemBytes : Kernel::kSmemBytes;
-  // Deterministic calls of the plain family with two Q/dO stages take the deterministic kernel
-  // (FlashBwdKernelSm80's kDeterministic): a second kernel of each such instantiation rather than run-time
-  // switches in one, which cost the default kernels registers. With private dQ slices it issues the next
-  // Q and dO at a step's start (PERF_LOG b13, bf16 hdim 64 / 128: deterministic / default backward time
-  // 1.12-1.32x -> 1.05-1.19x); the ordered mode (dq_turns) keeps the default placement, its one accumulator
-  // staying in L2 as the atomic mode's does (FLASH_ATTN2_BWD_DET_LOADS=early for A/B). The modifier
-  // families and one-stage tiles keep one kernel for both, with private slices.
   cudaError_t err = cudaSuccess;
-  if constexpr (kMods == Modifiers::kPlain && Traits::kStages == 2) {
+  if constexpr (kDetKernel) {
     if (params.deterministic) {
-      if (params.dq_turns == nullptr) {
-        kp.early_loads = true;
-      } else {
-        char const* loads = std::getenv("FLASH_ATTN2_BWD_DET_LOADS");
-        kp.early_loads = loads != nullptr && std::strcmp(loads, "early") == 0;
-      }
       err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
     } else if (char const* which = std::getenv("FLASH_ATTN2_BWD_KERNEL"); which != nullptr && std::strcmp(which, "det") == 0) {
       err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);  // A/B only
