@@ -410,11 +410,12 @@ DET_OPTIONS = {
     "slices_rotate": {"FLASH_ATTN2_BWD_DET_WALK": "rotate"},
     "slices_add": {"FLASH_ATTN2_BWD_DET_STORE": "add"},
     "slices_4": {"FLASH_ATTN2_BWD_DET_SPLITS": "4"},
+    "slices_cp_async": {"FLASH_ATTN2_BWD_DET_TMA": "0"},
 }
 """The private slices' options: the walk (by default serpentine where a split is a whole head, else the
 default kernel's rotated one; FLASH_ATTN2_BWD_DET_WALK forces either), the first key block of a split storing
 its dq tiles (FLASH_ATTN2_BWD_DET_STORE=add: memset and add instead), and the splits per head
-(FLASH_ATTN2_BWD_DET_SPLITS)."""
+(FLASH_ATTN2_BWD_DET_SPLITS), and on Hopper Q and dO through cp.async instead of TMA (FLASH_ATTN2_BWD_DET_TMA=0)."""
 
 
 @pytest.mark.parametrize("option", list(DET_OPTIONS))
@@ -435,6 +436,29 @@ def test_deterministic_options(kernel, shape, option, monkeypatch):
     again = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask, slices=8)
     assert_equal_grads(again, first, f"deterministic=True ({option}) must reproduce its bits")
     assert_grads_match_reference(first, q, k, v, grad_out, causal)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "heads_outer"])
+@pytest.mark.parametrize("head_dim_less", [0, 8])
+@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
+def test_deterministic_tma_matches_cp_async(kernel, head_dim_less, layout, monkeypatch):
+    """The deterministic kernel's two ways of loading Q and dO (TMA boxes on Hopper, per-thread cp.async
+    elsewhere and with FLASH_ATTN2_BWD_DET_TMA=0) put the same tiles in shared memory: the same bits. Mid-tile
+    lengths (boxes past the sequence's end are zero-filled), a head dim below the kernel's (the last box
+    partly past it), GQA, and q / grad_out as (b, h, s, d) tensors viewed as (b, s, h, d) (other strides)."""
+    causal = kernel.mask == "causal"
+    head_dim = kernel.head_dim - head_dim_less
+    q, k, v = make_qkv(2, 333, 517, NHEADS, 2, head_dim, TORCH_DTYPES[kernel.dtype])
+    grad_out = torch.randn_like(q)
+    if layout == "heads_outer":
+        q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+        grad_out = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    grads = {}
+    for tma in ("1", "0"):
+        monkeypatch.setenv("FLASH_ATTN2_BWD_DET_TMA", tma)
+        grads[tma] = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)
+    assert_equal_grads(grads["1"], grads["0"], "TMA and cp.async loads of Q and dO must give the same bits")
+    assert_grads_match_reference(grads["1"], q, k, v, grad_out, causal)
 
 
 @pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))

@@ -21,6 +21,7 @@
 #include "collective/gemm.h"
 #include "collective/mask.h"
 #include "collective/score_mod.h"
+#include "collective/tma_copy.h"
 #include "collective/utils.h"
 #include "launch/bwd_kernel_params.h"
 
@@ -179,6 +180,48 @@ struct FlashBwdKernelSm80 {
     Tensor sdSt = make_tensor(make_smem_ptr(storage.ds.data()), typename Traits::SmemLayoutPdSt{}); // (kBlockN, kBlockM)
     Tensor sPdStNoSwizzle = make_tensor(make_smem_ptr(storage.p.data()), typename Traits::SmemLayoutPdStNoSwizzle{});
 
+    // The deterministic kernel's TMA path for Q and dO (params.tma_qdo): thread 0 issues a stage's boxes and
+    // its mbarrier's expected bytes; every thread waits on the stage's phase (tma_phase: bit b, the parity
+    // of stage b's next completion) before the step's first barrier.
+    constexpr bool kTma = kDeterministic && Traits::kTmaQdOCapable;
+    bool const tma = kTma && params.tma_qdo;
+    uint64_t* const tma_bar = reinterpret_cast<uint64_t*>(smem_buf + Traits::kTmaBarrierOffset);
+    uint32_t tma_phase = 0;
+    if constexpr (kTma) {
+      if (tma) {
+        if (tidx == 0) {
+          if ((__cvta_generic_to_shared(smem_buf) & 1023) != 0) { __trap(); }  // the swizzle needs 1024-byte rows
+          CUTE_UNROLL
+          for (int b = 0; b < kStages; ++b) { mbarrier_init(tma_bar + b, 1); }
+        }
+        __syncthreads();
+      }
+    }
+    auto tma_load_q_do = [&](int m_block, int buf) {
+      if constexpr (kTma) {
+        if (tidx == 0) {
+          constexpr int kBoxCols = 64;
+          constexpr int kBoxElems = kBlockM * kBoxCols;  // a (kBlockM, 64) column block of the tile
+          mbarrier_arrive_expect_tx(tma_bar + buf, 2 * kBlockM * kHeadDim * int(sizeof(Element)));
+          CUTE_UNROLL
+          for (int c = 0; c < kHeadDim / kBoxCols; ++c) {
+            tma_load_4d(storage.q.data() + buf * kQSize + c * kBoxElems, &params.tma_q, tma_bar + buf, c * kBoxCols,
+                        m_block * kBlockM, head, batch);
+            tma_load_4d(storage.dout.data() + buf * kQSize + c * kBoxElems, &params.tma_dout, tma_bar + buf,
+                        c * kBoxCols, m_block * kBlockM, head, batch);
+          }
+        }
+      }
+    };
+    auto tma_wait_q_do = [&](int buf) {
+      if constexpr (kTma) {
+        if (tma) {
+          mbarrier_wait(tma_bar + buf, (tma_phase >> buf) & 1u);
+          tma_phase ^= 1u << buf;
+        }
+      }
+    };
+
     // Global -> shared.
     typename Traits::GmemTiledCopyLoad gmem_tiled_copy;
     auto gmem_thr_copy = gmem_tiled_copy.get_thread_slice(tidx);
@@ -196,8 +239,13 @@ struct FlashBwdKernelSm80 {
       cp_async_fence();
     };
     auto load_q_do = [&](int m_block, int buf) {
-      load_q(m_block, buf);
-      load_do(m_block, buf);
+      if (tma) {
+        tma_load_q_do(m_block, buf);
+        cp_async_fence();  // closes the group of a key block's K and V, if any
+      } else {
+        load_q(m_block, buf);
+        load_do(m_block, buf);
+      }
     };
 
     // S = Q K^T and dP = dO V^T.
@@ -256,7 +304,7 @@ struct FlashBwdKernelSm80 {
     constexpr bool bulk_dq = false;
     constexpr bool ordered_dq = false;
 #endif
-    bool const early_loads = kDeterministic && params.early_loads;
+    bool const early_loads = kDeterministic && (params.early_loads || tma);  // TMA: both boxes at once
     // This chain's turn counters: params.dq_turns + dq_turns_base + m_block (32 bits: one register less).
     int const dq_turns_base =
         ordered_dq ? ((batch * params.num_heads + head) * params.num_accum_slices + split % params.num_accum_slices) *
@@ -389,6 +437,7 @@ struct FlashBwdKernelSm80 {
             lse_log2[r] = valid ? lse_ptr[m_block * kBlockM + row] * float(M_LOG2E) : INFINITY;
             dsum[r] = valid ? dsum_ptr[m_block * kBlockM + row] : 0.f;
           }
+          tma_wait_q_do(buf);
           cp_async_wait<0>();
           barrier_flushing_dq();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
           // Where the next query block's Q and dO load: after the S and the dP GEMM; issued together here,

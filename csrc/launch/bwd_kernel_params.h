@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include <cuda.h>
 #include <cute/config.hpp>
 
 #include "common/tile_config.h"
@@ -43,6 +44,13 @@ struct BwdKernelParams : BwdParams {
   //    rows it does not see, so that the slices need no memset (nor their first read from DRAM).
   bool det_serpentine = false;
   bool dq_store_first = false;
+  // The deterministic kernel on sm_90 (set by the launcher where the tensors allow it): Q and dO tiles
+  // load through these tensor maps ((head_dim, seqlen_q, num_heads, batch), boxes of (64, block_m) with
+  // the 128-byte swizzle) by one thread, completing on an mbarrier per stage, instead of per-thread
+  // cp.async copies that queue in front of the GEMMs' ldmatrix while they wait on DRAM.
+  bool tma_qdo = false;
+  CUtensorMap tma_q = {};
+  CUtensorMap tma_dout = {};
   // sm_90+: each CTA stages dQ in shared memory and adds it with bulk reductions (the dispatcher sets it
   // from BwdKernelInfo::bulk_dq: where the device has the shared memory, unless FLASH_ATTN2_BWD_DQ=atomic).
   bool bulk_dq = false;

@@ -13,6 +13,7 @@
 #include "kernel/flash_bwd_prepost.h"
 #include "launch/fwd_launch.h"
 #include "launch/launch_common.h"
+#include "launch/tma_desc.h"
 
 namespace flash_attn2 {
 
@@ -79,6 +80,20 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
       kp.det_serpentine = walk == nullptr ? params.num_splits == 1 : std::strcmp(walk, "rotate") != 0;
       kp.dq_store_first = kp.bulk_dq && kMask != MaskMode::kLocal && params.cu_seqlens_q == nullptr &&
                           (store == nullptr || std::strcmp(store, "add") != 0);
+      // tma_qdo: on the bulk path (sm_90) for fixed-length batches (a packed batch's box would run into the
+      // next sequence's rows instead of zeros), where the strides allow; FLASH_ATTN2_BWD_DET_TMA=0 turns it
+      // off (A/B).
+      char const* tma = std::getenv("FLASH_ATTN2_BWD_DET_TMA");
+      if (Traits::kTmaQdOCapable && kp.bulk_dq && params.cu_seqlens_q == nullptr &&
+          (tma == nullptr || std::strcmp(tma, "0") != 0) && bulk_dq_available(Traits::kTmaSmemBytes)) {
+        constexpr bool kBf16 = kDType == DType::kBf16;
+        kp.tma_qdo = encode_rows_map(&kp.tma_q, kBf16, params.q, params.batch, params.seqlen_q, params.num_heads,
+                                     params.head_dim, params.q_batch_stride, params.q_row_stride, params.q_head_stride,
+                                     64, Traits::kBlockM) &&
+                     encode_rows_map(&kp.tma_dout, kBf16, params.dout, params.batch, params.seqlen_q, params.num_heads,
+                                     params.head_dim, params.dout_batch_stride, params.dout_row_stride,
+                                     params.dout_head_stride, 64, Traits::kBlockM);
+      }
     } else {
       char const* loads = std::getenv("FLASH_ATTN2_BWD_DET_LOADS");
       kp.early_loads = loads != nullptr && std::strcmp(loads, "early") == 0;
@@ -105,7 +120,7 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     }
   }
 
-  int const smem_bytes = kp.bulk_dq ? Traits::kBulkDqSmemBytes : Kernel::kSmemBytes;
+  int const smem_bytes = kp.tma_qdo ? Traits::kTmaSmemBytes : kp.bulk_dq ? Traits::kBulkDqSmemBytes : Kernel::kSmemBytes;
   cudaError_t err = cudaSuccess;
   if constexpr (kDetKernel) {
     if (params.deterministic) {
