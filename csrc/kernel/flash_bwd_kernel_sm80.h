@@ -34,11 +34,19 @@ using namespace cute;
 // the only one that runs the ordered dQ (params.dq_turns) and, with params.early_loads, issues the next
 // query block's Q and dO at a step's start instead of between its GEMMs (see the step). Kept out of the
 // default kernels, whose registers it would cost (ptxas, bf16 hdim 128 causal: spills 40 -> 116 B).
-template <class Traits, MaskMode kMask, Modifiers kMods, bool kDeterministic = false>
+// kTmaQdO: that kernel with Q and dO loaded by TMA boxes (Hopper, fixed-length batches, 64-column swizzle
+// atoms; BwdKernelParams::tma_qdo): its loads then wait on DRAM in the copy engine, not in the per-thread
+// cp.async queue in front of the GEMMs' ldmatrix (PERF_LOG b24). A kernel of its own, since a run-time
+// switch between the two load paths cost the cp.async one 4-6%; but it keeps the cp.async path behind
+// params.tma_qdo (always set where it runs): without that branch ptxas spills 472 B / 1284 B (stores / loads,
+// bf16 hdim 128) instead of 120 / 360.
+template <class Traits, MaskMode kMask, Modifiers kMods, bool kDeterministic = false, bool kTmaQdO = false>
 struct FlashBwdKernelSm80 {
   static constexpr bool kModifiers = kMods != Modifiers::kPlain;
   static constexpr bool kSoftcap = ScoreModifiers<kMods>::kSoftcap;
   static constexpr bool kDropout = kMods == Modifiers::kAll;
+  static_assert(!kTmaQdO || (kDeterministic && Traits::kTmaQdOCapable && Traits::kStages == 2),
+                "TMA loads of Q and dO: the deterministic kernel, 64-column swizzle atoms, two stages");
   using Element = typename Traits::Element;
   static constexpr int kBlockM = Traits::kBlockM;
   static constexpr int kBlockN = Traits::kBlockN;
@@ -180,44 +188,30 @@ struct FlashBwdKernelSm80 {
     Tensor sdSt = make_tensor(make_smem_ptr(storage.ds.data()), typename Traits::SmemLayoutPdSt{}); // (kBlockN, kBlockM)
     Tensor sPdStNoSwizzle = make_tensor(make_smem_ptr(storage.p.data()), typename Traits::SmemLayoutPdStNoSwizzle{});
 
-    // The deterministic kernel's TMA path for Q and dO (params.tma_qdo): thread 0 issues a stage's boxes and
-    // its mbarrier's expected bytes; every thread waits on the stage's phase (tma_phase: bit b, the parity
-    // of stage b's next completion) before the step's first barrier.
-    constexpr bool kTma = kDeterministic && Traits::kTmaQdOCapable;
-    bool const tma = kTma && params.tma_qdo;
+    // kTmaQdO with params.tma_qdo (the deterministic kernel on Hopper): thread 0 issues a stage's Q and
+    // dO boxes and its mbarrier's expected bytes; every thread waits on the stage's phase (tma_phase: bit b,
+    // the parity of stage b's next completion) before the step's first barrier.
     uint64_t* const tma_bar = reinterpret_cast<uint64_t*>(smem_buf + Traits::kTmaBarrierOffset);
     uint32_t tma_phase = 0;
-    if constexpr (kTma) {
-      if (tma) {
-        if (tidx == 0) {
-          if ((__cvta_generic_to_shared(smem_buf) & 1023) != 0) { __trap(); }  // the swizzle needs 1024-byte rows
-          CUTE_UNROLL
-          for (int b = 0; b < kStages; ++b) { mbarrier_init(tma_bar + b, 1); }
-        }
-        __syncthreads();
+    if (kTmaQdO && params.tma_qdo) {
+      if (tidx == 0) {
+        if ((__cvta_generic_to_shared(smem_buf) & 1023) != 0) { __trap(); }  // the swizzle needs 1024-byte rows
+        CUTE_UNROLL
+        for (int b = 0; b < kStages; ++b) { mbarrier_init(tma_bar + b, 1); }
       }
+      __syncthreads();
     }
     auto tma_load_q_do = [&](int m_block, int buf) {
-      if constexpr (kTma) {
-        if (tidx == 0) {
-          constexpr int kBoxCols = 64;
-          constexpr int kBoxElems = kBlockM * kBoxCols;  // a (kBlockM, 64) column block of the tile
-          mbarrier_arrive_expect_tx(tma_bar + buf, 2 * kBlockM * kHeadDim * int(sizeof(Element)));
-          CUTE_UNROLL
-          for (int c = 0; c < kHeadDim / kBoxCols; ++c) {
-            tma_load_4d(storage.q.data() + buf * kQSize + c * kBoxElems, &params.tma_q, tma_bar + buf, c * kBoxCols,
-                        m_block * kBlockM, head, batch);
-            tma_load_4d(storage.dout.data() + buf * kQSize + c * kBoxElems, &params.tma_dout, tma_bar + buf,
-                        c * kBoxCols, m_block * kBlockM, head, batch);
-          }
-        }
-      }
-    };
-    auto tma_wait_q_do = [&](int buf) {
-      if constexpr (kTma) {
-        if (tma) {
-          mbarrier_wait(tma_bar + buf, (tma_phase >> buf) & 1u);
-          tma_phase ^= 1u << buf;
+      if (tidx == 0) {
+        constexpr int kBoxCols = 64;
+        constexpr int kBoxElems = kBlockM * kBoxCols;  // a (kBlockM, 64) column block of the tile
+        mbarrier_arrive_expect_tx(tma_bar + buf, 2 * kBlockM * kHeadDim * int(sizeof(Element)));
+        CUTE_UNROLL
+        for (int c = 0; c < kHeadDim / kBoxCols; ++c) {
+          tma_load_4d(storage.q.data() + buf * kQSize + c * kBoxElems, &params.tma_q, tma_bar + buf, c * kBoxCols,
+                      m_block * kBlockM, head, batch);
+          tma_load_4d(storage.dout.data() + buf * kQSize + c * kBoxElems, &params.tma_dout, tma_bar + buf,
+                      c * kBoxCols, m_block * kBlockM, head, batch);
         }
       }
     };
@@ -239,7 +233,7 @@ struct FlashBwdKernelSm80 {
       cp_async_fence();
     };
     auto load_q_do = [&](int m_block, int buf) {
-      if (tma) {
+      if (kTmaQdO && params.tma_qdo) {
         tma_load_q_do(m_block, buf);
         cp_async_fence();  // closes the group of a key block's K and V, if any
       } else {
@@ -304,7 +298,7 @@ struct FlashBwdKernelSm80 {
     constexpr bool bulk_dq = false;
     constexpr bool ordered_dq = false;
 #endif
-    bool const early_loads = kDeterministic && (params.early_loads || tma);  // TMA: both boxes at once
+    bool const early_loads = kDeterministic && (params.early_loads || (kTmaQdO && params.tma_qdo));  // TMA: both boxes at once
     // This chain's turn counters: params.dq_turns + dq_turns_base + m_block (32 bits: one register less).
     int const dq_turns_base =
         ordered_dq ? ((batch * params.num_heads + head) * params.num_accum_slices + split % params.num_accum_slices) *
@@ -437,7 +431,10 @@ struct FlashBwdKernelSm80 {
             lse_log2[r] = valid ? lse_ptr[m_block * kBlockM + row] * float(M_LOG2E) : INFINITY;
             dsum[r] = valid ? dsum_ptr[m_block * kBlockM + row] : 0.f;
           }
-          tma_wait_q_do(buf);
+          if (kTmaQdO && params.tma_qdo) {
+            mbarrier_wait(tma_bar + buf, (tma_phase >> buf) & 1u);
+            tma_phase ^= 1u << buf;
+          }
           cp_async_wait<0>();
           barrier_flushing_dq();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
           // Where the next query block's Q and dO load: after the S and the dP GEMM; issued together here,

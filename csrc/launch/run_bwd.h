@@ -124,7 +124,15 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if constexpr (kDetKernel) {
     if (params.deterministic) {
-      err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
+      if constexpr (Traits::kTmaQdOCapable) {
+        if (kp.tma_qdo) {
+          err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true, true>>(kp, smem_bytes, stream);
+        } else {
+          err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
+        }
+      } else {
+        err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
+      }
     } else if (char const* which = std::getenv("FLASH_ATTN2_BWD_KERNEL"); which != nullptr && std::strcmp(which, "det") == 0) {
       err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);  // A/B only
     } else {
