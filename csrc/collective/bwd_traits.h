@@ -81,10 +81,13 @@ struct BwdTraitsSm80 {
   static constexpr int kDqSmemBytes = kBlockM * kHeadDim * int(sizeof(float));
   static constexpr int kBulkDqSmemBytes = kDqSmemOffset + kDqSmemBytes;  // the whole block's, on that path
   // The deterministic kernel's TMA loads of Q and dO (BwdKernelParams::tma_qdo): an mbarrier per stage after
-  // the staging tile; 64-column boxes, so only where the tiles are built of 64-column swizzle atoms.
+  // the staging tile; 64-column boxes, so only where the tiles are built of 64-column swizzle atoms, and for
+  // now only at the head dims where it was tested and measured on a GPU (64, 128; PERF_LOG b24): hdim 192
+  // keeps cp.async until its TMA kernel has run the tests.
   static constexpr int kTmaBarrierOffset = kBulkDqSmemBytes;
   static constexpr int kTmaSmemBytes = kTmaBarrierOffset + kStages * int(sizeof(uint64_t));
-  static constexpr bool kTmaQdOCapable = Sm80Swizzle<kHeadDim>::kAtomCols == 64;
+  static constexpr bool kTmaQdOCapable =
+      Sm80Swizzle<kHeadDim>::kAtomCols == 64 && (kHeadDim == 64 || kHeadDim == 128);
   static constexpr bool kBulkDqWorthIt = kSmemBytes > kTwoCtasPerSmSmemBytes;
 };
 

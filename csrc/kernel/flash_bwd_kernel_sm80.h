@@ -195,7 +195,7 @@ struct FlashBwdKernelSm80 {
     uint32_t tma_phase = 0;
     if (kTmaQdO && params.tma_qdo) {
       if (tidx == 0) {
-        if ((__cvta_generic_to_shared(smem_buf) & 1023) != 0) { __trap(); }  // the swizzle needs 1024-byte rows
+        if ((__cvta_generic_to_shared(smem_buf) & 1023) != 0) { __trap(); }  // the 128-byte swizzle: 1024-byte aligned
         CUTE_UNROLL
         for (int b = 0; b < kStages; ++b) { mbarrier_init(tma_bar + b, 1); }
       }
