@@ -124,15 +124,10 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if constexpr (kDetKernel) {
     if (params.deterministic) {
-      if constexpr (Traits::kTmaQdOCapable) {
-        if (kp.tma_qdo) {
-          err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true, true>>(kp, smem_bytes, stream);
-        } else {
-          err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
-        }
-      } else {
-        err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
-      }
+      // Where the tiles cannot take TMA, the "TMA" kernel is the cp.async one (and kp.tma_qdo is false).
+      using TmaKernel = FlashBwdKernelSm80<Traits, kMask, kMods, true, Traits::kTmaQdOCapable>;
+      err = kp.tma_qdo ? launch_bwd_main<TmaKernel>(kp, smem_bytes, stream)
+                       : launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
     } else if (char const* which = std::getenv("FLASH_ATTN2_BWD_KERNEL"); which != nullptr && std::strcmp(which, "det") == 0) {
       err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);  // A/B only
     } else {
