@@ -438,17 +438,20 @@ def test_deterministic_options(kernel, shape, option, monkeypatch):
     assert_grads_match_reference(first, q, k, v, grad_out, causal)
 
 
+@pytest.mark.parametrize("seqlen_q", [332, 333])
 @pytest.mark.parametrize("layout", ["contiguous", "heads_outer"])
 @pytest.mark.parametrize("head_dim_less", [0, 8])
 @pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
-def test_deterministic_tma_matches_cp_async(kernel, head_dim_less, layout, monkeypatch):
-    """The deterministic kernel's two ways of loading Q and dO (TMA boxes on Hopper, per-thread cp.async
-    elsewhere and with FLASH_ATTN2_BWD_DET_TMA=0) put the same tiles in shared memory: the same bits. Mid-tile
-    lengths (boxes past the sequence's end are zero-filled), a head dim below the kernel's (the last box
-    partly past it), GQA, and q / grad_out as (b, h, s, d) tensors viewed as (b, s, h, d) (other strides)."""
+def test_deterministic_tma_matches_cp_async(kernel, head_dim_less, layout, seqlen_q, monkeypatch):
+    """The deterministic kernel's two ways of loading Q, dO and the rows' lse and dsum (TMA boxes and bulk
+    copies on Hopper, per-thread cp.async and loads elsewhere and with FLASH_ATTN2_BWD_DET_TMA=0) put the same
+    tiles in shared memory: the same bits. Mid-tile lengths (boxes past the sequence's end are zero-filled;
+    332 rows take TMA with a partial last run of rows, 333 rows, not a multiple of 4, keep cp.async), a head
+    dim below the kernel's (the last box partly past it), GQA, and q / grad_out as (b, h, s, d) tensors viewed
+    as (b, s, h, d) (other strides)."""
     causal = kernel.mask == "causal"
     head_dim = kernel.head_dim - head_dim_less
-    q, k, v = make_qkv(2, 333, 517, NHEADS, 2, head_dim, TORCH_DTYPES[kernel.dtype])
+    q, k, v = make_qkv(2, seqlen_q, 517, NHEADS, 2, head_dim, TORCH_DTYPES[kernel.dtype])
     grad_out = torch.randn_like(q)
     if layout == "heads_outer":
         q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()

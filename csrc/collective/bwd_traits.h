@@ -85,7 +85,10 @@ struct BwdTraitsSm80 {
   // now only at the head dims where it was tested and measured on a GPU (64, 128; PERF_LOG b24): hdim 192
   // keeps cp.async until its TMA kernel has run the tests.
   static constexpr int kTmaBarrierOffset = kBulkDqSmemBytes;
-  static constexpr int kTmaSmemBytes = kTmaBarrierOffset + kStages * int(sizeof(uint64_t));
+  // Then, per stage, the query block's lse and rowsum(dO o O) (kBlockM fp32 each), which arrive on the
+  // stage's mbarrier with its Q and dO: the step reads them from shared memory, not from DRAM (PERF_LOG b25).
+  static constexpr int kTmaRowsOffset = (kTmaBarrierOffset + kStages * int(sizeof(uint64_t)) + 15) / 16 * 16;
+  static constexpr int kTmaSmemBytes = kTmaRowsOffset + kStages * 2 * kBlockM * int(sizeof(float));
   static constexpr bool kTmaQdOCapable =
       Sm80Swizzle<kHeadDim>::kAtomCols == 64 && (kHeadDim == 64 || kHeadDim == 128);
   static constexpr bool kBulkDqWorthIt = kSmemBytes > kTwoCtasPerSmSmemBytes;

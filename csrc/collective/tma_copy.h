@@ -73,4 +73,18 @@ CUTE_DEVICE void tma_load_4d(void* smem, CUtensorMap const* map, uint64_t* bar, 
 #endif
 }
 
+// `bytes` contiguous bytes (a multiple of 16, both addresses 16-byte aligned) from global memory into shared
+// memory at `smem`, completing on `bar` like a box: the rows' statistics that come with a Q and dO tile.
+CUTE_DEVICE void bulk_load_1d(void* smem, void const* gmem, uint32_t bytes, uint64_t* bar) {
+#ifdef FLASH_ATTN2_TMA
+  uint32_t const s = uint32_t(__cvta_generic_to_shared(smem));
+  uint32_t const b = uint32_t(__cvta_generic_to_shared(bar));
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(s),
+               "l"(gmem), "r"(bytes), "r"(b)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
 }  // namespace flash_attn2

@@ -192,6 +192,7 @@ struct FlashBwdKernelSm80 {
     // dO boxes and its mbarrier's expected bytes; every thread waits on the stage's phase (tma_phase: bit b,
     // the parity of stage b's next completion) before the step's first barrier.
     uint64_t* const tma_bar = reinterpret_cast<uint64_t*>(smem_buf + Traits::kTmaBarrierOffset);
+    float* const tma_rows = reinterpret_cast<float*>(smem_buf + Traits::kTmaRowsOffset);  // per stage: lse, dsum
     uint32_t tma_phase = 0;
     if (kTmaQdO && params.tma_qdo) {
       if (tidx == 0) {
@@ -205,7 +206,10 @@ struct FlashBwdKernelSm80 {
       if (tidx == 0) {
         constexpr int kBoxCols = 64;
         constexpr int kBoxElems = kBlockM * kBoxCols;  // a (kBlockM, 64) column block of the tile
-        mbarrier_arrive_expect_tx(tma_bar + buf, 2 * kBlockM * kHeadDim * int(sizeof(Element)));
+        // The rows' lse and dsum: a multiple of 16 bytes, since the host takes this path only where
+        // seqlen_q % 4 == 0 (and the head's rows start 16-byte aligned).
+        uint32_t const row_bytes = uint32_t(min(kBlockM, binfo.seqlen_q - m_block * kBlockM)) * uint32_t(sizeof(float));
+        mbarrier_arrive_expect_tx(tma_bar + buf, 2 * kBlockM * kHeadDim * int(sizeof(Element)) + 2 * row_bytes);
         CUTE_UNROLL
         for (int c = 0; c < kHeadDim / kBoxCols; ++c) {
           tma_load_4d(storage.q.data() + buf * kQSize + c * kBoxElems, &params.tma_q, tma_bar + buf, c * kBoxCols,
@@ -213,6 +217,8 @@ struct FlashBwdKernelSm80 {
           tma_load_4d(storage.dout.data() + buf * kQSize + c * kBoxElems, &params.tma_dout, tma_bar + buf,
                       c * kBoxCols, m_block * kBlockM, head, batch);
         }
+        bulk_load_1d(tma_rows + buf * 2 * kBlockM, lse_ptr + m_block * kBlockM, row_bytes, tma_bar + buf);
+        bulk_load_1d(tma_rows + buf * 2 * kBlockM + kBlockM, dsum_ptr + m_block * kBlockM, row_bytes, tma_bar + buf);
       }
     };
 
@@ -421,19 +427,23 @@ struct FlashBwdKernelSm80 {
         auto step = [&](int m_block, int m_next, auto needs_mask) CUTLASS_LAMBDA_FUNC_INLINE {
           // This thread's score rows: lse (log2 units) and rowsum(dO o O). Rows past the sequence get
           // lse = +inf, so P = 0 there (their Q and dO are zero-filled).
+          // The TMA kernel's come with Q and dO into shared memory (the stage's mbarrier).
           int const rows_q = binfo.seqlen_q - m_block * kBlockM;
           float lse_log2[kScoreRows];
           float dsum[kScoreRows];
+          bool const tma_rows_here = kTmaQdO && params.tma_qdo;
+          if (tma_rows_here) {
+            mbarrier_wait(tma_bar + buf, (tma_phase >> buf) & 1u);
+            tma_phase ^= 1u << buf;
+          }
+          float const* const lse_src = tma_rows_here ? tma_rows + buf * 2 * kBlockM : lse_ptr + m_block * kBlockM;
+          float const* const dsum_src = tma_rows_here ? tma_rows + buf * 2 * kBlockM + kBlockM : dsum_ptr + m_block * kBlockM;
           CUTE_UNROLL
           for (int r = 0; r < kScoreRows; ++r) {
             int const row = get<0>(tScS_rowcol(r, 0));
             bool const valid = row < rows_q;
-            lse_log2[r] = valid ? lse_ptr[m_block * kBlockM + row] * float(M_LOG2E) : INFINITY;
-            dsum[r] = valid ? dsum_ptr[m_block * kBlockM + row] : 0.f;
-          }
-          if (kTmaQdO && params.tma_qdo) {
-            mbarrier_wait(tma_bar + buf, (tma_phase >> buf) & 1u);
-            tma_phase ^= 1u << buf;
+            lse_log2[r] = valid ? lse_src[row] * float(M_LOG2E) : INFINITY;
+            dsum[r] = valid ? dsum_src[row] : 0.f;
           }
           cp_async_wait<0>();
           barrier_flushing_dq();  // Q[m], dO[m] landed; every warp is done with the previous step's buffers
