@@ -4,7 +4,8 @@
 #   fwd, bwd, fwd_bwd  head dims 64 and 128, DTYPES, causal and not, 1k-16k, ours against sdpa_flash and cuDNN
 #   other              head dims 96, 192, 256 (OTHER_HDIMS), forward and backward, against sdpa_flash
 #                      (other_fwd, other_bwd: one of the two)
-#   det                the backward with deterministic=True (its cost: compare with the bwd CSV of this run)
+#   det                the backward with deterministic=True, DTYPES (its cost against the bwd CSV of this run,
+#                      by det_cost.py, when bwd ran first)
 #   decode             benchmark_decode.py --graph (needs the hdim 128 KV-cache kernels)
 # Each benchmark writes $OUT/<name>.csv and .log; check_bars.py reads every CSV, its verdicts go to
 # $OUT/bars.txt; the folder is packed into $OUT/bars.tgz (the device tool brings back at most 8 files).
@@ -46,7 +47,8 @@ for bar in $BARS; do
         check "$pass" "$OUT_DIR/other_$pass.csv"
       done ;;
     det)
-      bench det --hdims 64,128 --dtypes bf16 --pass bwd --deterministic --backends ours ;;
+      bench det --hdims 64,128 --dtypes "$DTYPES" --pass bwd --deterministic --backends ours
+      if [ -f "$OUT_DIR/bwd.csv" ]; then python3 benchmarks/det_cost.py "$OUT_DIR/bwd.csv" "$OUT_DIR/det.csv" >> "$OUT_DIR/bars.txt" 2>&1; fi ;;
     decode)
       start=$SECONDS
       python3 benchmarks/benchmark_decode.py --graph --rep 50 --warmup 10 --csv "$OUT_DIR/decode.csv" \

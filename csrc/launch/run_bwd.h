@@ -64,8 +64,9 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   //    hdim 64 / 128: deterministic / default backward time 1.12-1.32x -> 1.05-1.19x); the ordered mode
   //    (dq_turns) keeps the default placement, its one accumulator staying in L2 as the atomic mode's does
   //    (FLASH_ATTN2_BWD_DET_LOADS=early for A/B).
-  //  - det_serpentine where a split is a whole head (PERF_LOG b23: with several splits per head the rotated
-  //    walk measured better); FLASH_ATTN2_BWD_DET_WALK=serpentine|rotate forces either.
+  //  - det_serpentine where a split is a whole head (PERF_LOG b23), and without a mask also with several
+  //    splits per head (PERF_LOG b25, once lse and dsum came with the TMA tiles; under a causal mask the
+  //    rotated walk stays better there); FLASH_ATTN2_BWD_DET_WALK=serpentine|rotate forces either.
   //  - dq_store_first (FLASH_ATTN2_BWD_DET_STORE=add turns it off, for A/B): needs the bulk path (a tile's
   //    first write is a plain bulk copy) and no left window edge (the first key block of a split sees every
   //    query block its later ones do). Not for packed batches: rows of q past cu_seqlens_q's last offset
@@ -77,7 +78,8 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
       char const* walk = std::getenv("FLASH_ATTN2_BWD_DET_WALK");
       char const* store = std::getenv("FLASH_ATTN2_BWD_DET_STORE");
       kp.early_loads = true;
-      kp.det_serpentine = walk == nullptr ? params.num_splits == 1 : std::strcmp(walk, "rotate") != 0;
+      kp.det_serpentine = walk == nullptr ? params.num_splits == 1 || kMask == MaskMode::kNone
+                                          : std::strcmp(walk, "rotate") != 0;
       kp.dq_store_first = kp.bulk_dq && kMask != MaskMode::kLocal && params.cu_seqlens_q == nullptr &&
                           (store == nullptr || std::strcmp(store, "add") != 0);
       // tma_qdo: on the bulk path (sm_90) for fixed-length batches (a packed batch's box would run into the
