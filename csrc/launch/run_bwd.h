@@ -87,21 +87,18 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
       // off (A/B).
       // The rows' lse and dsum come with each tile by 1-d bulk copies, which need 16-byte aligned runs of
       // a multiple of 16 bytes: seqlen_q % 4 == 0 (a head's rows start at a multiple of seqlen_q) and an
-      // aligned softmax_lse (dsum is the workspace's, aligned). FLASH_ATTN2_BWD_DET_TMA_L2=256 asks the
-      // maps for 256-byte L2 promotion (A/B).
+      // aligned softmax_lse (dsum is the workspace's, aligned).
       char const* tma = std::getenv("FLASH_ATTN2_BWD_DET_TMA");
-      char const* l2 = std::getenv("FLASH_ATTN2_BWD_DET_TMA_L2");
-      bool const l2_256 = l2 != nullptr && std::strcmp(l2, "256") == 0;
       if (Traits::kTmaQdOCapable && kp.bulk_dq && params.cu_seqlens_q == nullptr && params.seqlen_q % 4 == 0 &&
           reinterpret_cast<uintptr_t>(params.softmax_lse) % 16 == 0 &&
           (tma == nullptr || std::strcmp(tma, "0") != 0) && bulk_dq_available(Traits::kTmaSmemBytes)) {
         constexpr bool kBf16 = kDType == DType::kBf16;
         kp.tma_qdo = encode_rows_map(&kp.tma_q, kBf16, params.q, params.batch, params.seqlen_q, params.num_heads,
                                      params.head_dim, params.q_batch_stride, params.q_row_stride, params.q_head_stride,
-                                     64, Traits::kBlockM, l2_256) &&
+                                     64, Traits::kBlockM) &&
                      encode_rows_map(&kp.tma_dout, kBf16, params.dout, params.batch, params.seqlen_q, params.num_heads,
                                      params.head_dim, params.dout_batch_stride, params.dout_row_stride,
-                                     params.dout_head_stride, 64, Traits::kBlockM, l2_256);
+                                     params.dout_head_stride, 64, Traits::kBlockM);
       }
     } else {
       char const* loads = std::getenv("FLASH_ATTN2_BWD_DET_LOADS");

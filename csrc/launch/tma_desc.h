@@ -29,12 +29,11 @@ inline TensorMapEncodeTiled tensor_map_encoder() {
 
 // A map of the (batch, seqlen, heads, head_dim) operand at `base` (strides in elements, head_dim's 1)
 // whose boxes are (box_cols, box_rows) of one (batch, head), with the 128-byte swizzle and zeros outside
-// the tensor; l2_promote_256: a miss brings 256 bytes into L2 (a whole row of a 128-wide head) instead of
-// 128. False where TMA cannot address it (alignment, strides) or the driver refuses: the caller
+// the tensor. False where TMA cannot address it (alignment, strides) or the driver refuses: the caller
 // keeps its other load path.
 inline bool encode_rows_map(CUtensorMap* map, bool bf16, void const* base, int64_t batch, int64_t seqlen, int64_t heads,
                             int64_t head_dim, int64_t batch_stride, int64_t row_stride, int64_t head_stride,
-                            int box_cols, int box_rows, bool l2_promote_256 = false) {
+                            int box_cols, int box_rows) {
   constexpr int64_t kElemBytes = 2;
   auto const encode = tensor_map_encoder();
   if (encode == nullptr || (reinterpret_cast<uintptr_t>(base) % 16) != 0) { return false; }
@@ -57,8 +56,7 @@ inline bool encode_rows_map(CUtensorMap* map, bool bf16, void const* base, int64
   cuuint32_t const elem_strides[4] = {1, 1, 1, 1};
   CUresult const r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
                             const_cast<void*>(base), dims, bytes, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B,
-                            l2_promote_256 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
