@@ -70,8 +70,9 @@ COMPANION_BACKENDS = {
     "ours_plain": "flash_attn2 without the modifiers, same layout (needs --window, --softcap, --alibi or --dropout)",
     "ours_dense": "flash_attn_func on the packed data as a (b, s, h, d) batch, same modifiers (needs --varlen equal)",
     "torch_varlen": "torch.nn.attention.varlen.varlen_attn on the packed batch (needs --varlen)",
+    "ours_det": "ours with deterministic=True, timed right after ours on the same inputs (needs --pass bwd or fwd_bwd)",
 }
-OURS_BACKENDS = ("ours", "ours_plain", "ours_dense")
+OURS_BACKENDS = ("ours", "ours_plain", "ours_dense", "ours_det")
 ALL_BACKENDS = BACKENDS + tuple(COMPANION_BACKENDS)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # FA2's FLOP convention: the backward pass does 2.5x the forward's matmul work.
@@ -82,6 +83,7 @@ RATIO_FIELDS = (
     ("window_speedup", "speedup"),  # time(ours_plain) / time(ours), windowed ours
     ("window_ideal_speedup", "ideal"),  # visible pairs without the window / with it
     ("varlen_vs_dense", "vl/dense"),  # time(ours) / time(ours_dense), --varlen equal
+    ("det_cost", "det"),  # time(ours_det) / time(ours): what deterministic=True costs
 )
 CSV_FIELDS = (
     "backend", "pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "ms", "tflops", "deterministic",
@@ -245,7 +247,7 @@ def parse_args(argv=None):
         if unknown or not chosen:
             parser.error(f"unknown {name} {unknown or '(none given)'}; choose from {', '.join(valid)}")
     available = {"ours_plain": args.modifiers.active, "ours_dense": args.varlen == "equal",
-                 "torch_varlen": args.varlen is not None}
+                 "torch_varlen": args.varlen is not None, "ours_det": args.direction != "fwd"}
     for backend in args.backends:
         if not available.get(backend, True):
             parser.error(f"backend {backend} is {COMPANION_BACKENDS[backend]}")
@@ -529,7 +531,12 @@ def forward_fn(backend, work, causal, mods, flash_attn2, deterministic=False):
     return (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)), (qt, kt, vt)
 
 
-def check_ours(backend, work, causal, mods, flash_attn2, args):
+def deterministic(backend, args):
+    """Our backward's mode for `backend`: ours_det always deterministic, the others as --deterministic says."""
+    return backend == "ours_det" or args.deterministic
+
+
+def check_ours(backend, work, causal, mods, flash_attn2, args, deterministic=False):
     """The gate before one of our rows is timed: without dropout, the output of the sequences the spot
     check reads (batch 0 of a (b, s, h, d) batch; the first and last of a packed one); then, for dropout or
     a backward pass, spot_check_crop on the first CHECK_GRAD_SEQLEN tokens and CHECK_HEADS heads. Returns
@@ -538,7 +545,7 @@ def check_ours(backend, work, causal, mods, flash_attn2, args):
     slopes = work.slopes if mods.alibi else None
 
     def run(mods, q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, slopes=slopes, return_attn_probs=False):
-        return flash_attention(flash_attn2, q, k, v, causal, mods, slopes, args.deterministic, cu_seqlens, max_seqlen,
+        return flash_attention(flash_attn2, q, k, v, causal, mods, slopes, deterministic, cu_seqlens, max_seqlen,
                                return_attn_probs)
 
     with torch.no_grad():
@@ -669,10 +676,11 @@ def measure_config(args, config, lengths, flash_attn2, do_bench):
         else:
             try:
                 with backend_context(backend):
-                    forward, inputs = forward_fn(backend, work, causal, mods, flash_attn2, args.deterministic)
+                    forward, inputs = forward_fn(backend, work, causal, mods, flash_attn2, deterministic(backend, args))
                     passed = True
                     if backend in OURS_BACKENDS:
-                        passed, note = check_ours(backend, work, causal, mods, flash_attn2, args)
+                        passed, note = check_ours(backend, work, causal, mods, flash_attn2, args,
+                                                  deterministic(backend, args))
                         failed = max(failed, int(not passed))
                     if passed:
                         ms = do_bench(timed_fn(forward, inputs, args.direction), warmup=args.warmup, rep=args.rep,
@@ -690,8 +698,8 @@ def measure_config(args, config, lengths, flash_attn2, do_bench):
         speed = f"{ms:8.3f} ms {tflops:7.1f} TFLOP/s" if math.isfinite(ms) else f"{'-':>8}"
         print(f"   {backend:15s} {speed}  {note}".rstrip(), flush=True)
         rows.append(dict(backend=backend, **{"pass": args.direction}, **config, ms=ms, tflops=tflops,
-                         deterministic=args.deterministic if backend in OURS_BACKENDS and args.direction != "fwd"
-                         else "",
+                         deterministic=deterministic(backend, args) if backend in OURS_BACKENDS
+                         and args.direction != "fwd" else "",
                          modifier=mods.label(), window=f"{mods.window[0]},{mods.window[1]}", softcap=mods.softcap,
                          alibi=mods.alibi, dropout=mods.dropout, useful_flops=useful, useful_tflops=useful_tflops))
     add_ratios(rows, lengths, causal, args.modifiers)
@@ -717,6 +725,9 @@ def add_ratios(rows, lengths, causal, mods):
     if "ours_dense" in ms:
         ours["varlen_vs_dense"] = ms["ours"] / ms["ours_dense"]
         parts.append(f"varlen/dense ours/ours_dense {ours['varlen_vs_dense']:.3f}")
+    if "ours_det" in ms:
+        ours["det_cost"] = ms["ours_det"] / ms["ours"]
+        parts.append(f"deterministic ours_det/ours {ours['det_cost']:.3f}")
     if parts:
         print(f"   {'time ratios':15s} {'; '.join(parts)}".replace("nan", "-"), flush=True)
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """What deterministic=True costs: our backward time with it over our default backward time, per config,
-from two benchmark_attention.py CSVs of one run (run_bars.sh's bwd.csv and det.csv).
+from one benchmark_attention.py CSV that has both `ours` and `ours_det` rows (each config's two timed back to
+back: run_bars.sh's bwd.csv), or from two CSVs of one run (a default one and a --deterministic one).
 
+    python benchmarks/det_cost.py bwd.csv
     python benchmarks/det_cost.py bwd.csv det.csv
 """
 
@@ -14,16 +16,17 @@ def ours_ms(path, deterministic):
     times = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if row["backend"] == "ours" and row["pass"] == "bwd" and (row.get("deterministic") == "True") == deterministic:
+            if (row["backend"] in ("ours", "ours_det") and row["pass"] == "bwd" and row["ms"]
+                    and (row.get("deterministic") == "True") == deterministic):
                 times[(row["dtype"], int(row["hdim"]), row["causal"] == "True", int(row["seqlen"]))] = float(row["ms"])
     return times
 
 
 def main(argv):
-    if len(argv) != 2:
+    if len(argv) not in (1, 2):
         print(__doc__)
         return 2
-    default, det = ours_ms(argv[0], False), ours_ms(argv[1], True)
+    default, det = ours_ms(argv[0], False), ours_ms(argv[-1], True)
     ratios = []
     print("## deterministic time / default time (same run)")
     print("dtype hdim causal seqlen default_ms det")

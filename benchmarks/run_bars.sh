@@ -4,8 +4,9 @@
 #   fwd, bwd, fwd_bwd  head dims 64 and 128, DTYPES, causal and not, 1k-16k, ours against sdpa_flash and cuDNN
 #   other              head dims 96, 192, 256 (OTHER_HDIMS), forward and backward, against sdpa_flash
 #                      (other_fwd, other_bwd: one of the two)
-#   det                the backward with deterministic=True, DTYPES (its cost against the bwd CSV of this run,
-#                      by det_cost.py, when bwd ran first)
+#   det                the backward with deterministic=True, DTYPES: backend ours_det, timed right after ours
+#                      on each config (in the bwd bar's run when BARS has bwd too); det_cost.py prints
+#                      det time / default time per config
 #   decode             benchmark_decode.py --graph (needs the hdim 128 KV-cache kernels)
 # Each benchmark writes $OUT/<name>.csv and .log; check_bars.py reads every CSV, its verdicts go to
 # $OUT/bars.txt; the folder is packed into $OUT/bars.tgz (the device tool brings back at most 8 files).
@@ -37,7 +38,9 @@ check() {  # check PASS CSV: the bar verdicts of one CSV
 for bar in $BARS; do
   case "$bar" in
     fwd | bwd | fwd_bwd)
-      bench "$bar" --hdims 64,128 --dtypes "$DTYPES" --pass "$bar" --backends "$BACKENDS"
+      backends="$BACKENDS"
+      if [ "$bar" = bwd ] && [[ " $BARS " == *" det "* ]]; then backends="ours,ours_det,${BACKENDS#ours,}"; fi
+      bench "$bar" --hdims 64,128 --dtypes "$DTYPES" --pass "$bar" --backends "$backends"
       check "$bar" "$OUT_DIR/$bar.csv" ;;
     other | other_fwd | other_bwd)
       passes="fwd bwd"
@@ -47,8 +50,12 @@ for bar in $BARS; do
         check "$pass" "$OUT_DIR/other_$pass.csv"
       done ;;
     det)
-      bench det --hdims 64,128 --dtypes "$DTYPES" --pass bwd --deterministic --backends ours
-      if [ -f "$OUT_DIR/bwd.csv" ]; then python3 benchmarks/det_cost.py "$OUT_DIR/bwd.csv" "$OUT_DIR/det.csv" >> "$OUT_DIR/bars.txt" 2>&1; fi ;;
+      det_csv="$OUT_DIR/bwd.csv"
+      if [[ " $BARS " != *" bwd "* ]]; then
+        det_csv="$OUT_DIR/det.csv"
+        bench det --hdims 64,128 --dtypes "$DTYPES" --pass bwd --backends ours,ours_det
+      fi
+      python3 benchmarks/det_cost.py "$det_csv" >> "$OUT_DIR/bars.txt" 2>&1 ;;
     decode)
       start=$SECONDS
       python3 benchmarks/benchmark_decode.py --graph --rep 50 --warmup 10 --csv "$OUT_DIR/decode.csv" \

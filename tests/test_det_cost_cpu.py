@@ -16,7 +16,7 @@ FIELDS = ["backend", "pass", "dtype", "hdim", "causal", "seqlen", "ms", "determi
 
 def rows(det, times):
     return [{"backend": backend, "pass": "bwd", "dtype": "bf16", "hdim": 128, "causal": causal, "seqlen": seqlen,
-             "ms": ms, "deterministic": det if backend == "ours" else ""}
+             "ms": ms, "deterministic": ("True" if backend == "ours_det" else det) if backend.startswith("ours") else ""}
             for backend, causal, seqlen, ms in times]
 
 
@@ -36,6 +36,16 @@ def test_default_rows_in_the_det_file_are_not_mistaken_for_deterministic(det_cos
     write_csv(tmp_path / "det.csv", FIELDS, rows("False", [("ours", False, 2048, 2.5)]))
     assert det_cost.main([str(tmp_path / "bwd.csv"), str(tmp_path / "det.csv")]) == 1
     assert "no config in both files" in capsys.readouterr().out
+
+
+def test_one_csv_with_ours_det_rows(det_cost, tmp_path, capsys):
+    write_csv(tmp_path / "bwd.csv", FIELDS, rows("False", [("ours", False, 2048, 2.0), ("ours_det", False, 2048, 2.2),
+                                                           ("sdpa_flash", False, 2048, 9.0), ("ours", True, 2048, 1.0),
+                                                           ("ours_det", True, 2048, 1.2)]))
+    assert det_cost.main([str(tmp_path / "bwd.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 128 False 2048 2.0000 1.100" in out and "bf16 128 True 2048 1.0000 1.200" in out
+    assert "det: min 1.100 max 1.200 over 2; 1 above 1.15" in out
 
 
 def test_usage_without_arguments(det_cost, capsys):
