@@ -12,6 +12,13 @@ Inputs are random (never zeros). Before timing a config, our dense output is che
 diff); times are triton.testing.do_bench medians. --graph also times ours through CUDA graph replay, which
 takes the launch overhead out (what a serving loop that captures its decode step sees).
 
+Ours' main rows (ours_dense, ours_paged) are a whole decode step: the new token's k and v written into the cache,
+then attention over it. SDPA does not append, so two comparisons of the same work sit beside the strict one
+(ratio_vs_sdpa: best SDPA attention alone / ours' time, for every row): ours_dense_attn is ours on the same cache
+without the append (k=None, v=None), its same-work ratio against SDPA alone; and sdpa_*_append is SDPA preceded by
+the append an SDPA user runs (the token copied into the last row of the (b, h_k, s, d) caches), against which the
+whole-step rows of ours get their same-work ratio (ratio_same_work).
+
     python benchmarks/benchmark_decode.py
     python benchmarks/benchmark_decode.py --batches 1,8 --seqlens 4096,32768 --num-splits 1 --graph
     python benchmarks/benchmark_decode.py --csv decode.csv --plot decode.png
@@ -37,7 +44,8 @@ CHECK_MAX_ABS_DIFF = 2e-2
 MEMORY_HEADROOM = 0.85
 """Skip configs whose tensors would use more than this fraction of the free GPU memory."""
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-CSV_FIELDS = ("backend", "batch", "seqlen_cache", "ms", "tb_per_s", "fraction_of_copy", "ratio_vs_sdpa", "note")
+CSV_FIELDS = ("backend", "batch", "seqlen_cache", "ms", "tb_per_s", "fraction_of_copy", "ratio_vs_sdpa",
+              "ratio_same_work", "note")
 
 
 def parse_args(argv=None):
@@ -96,12 +104,15 @@ def make_config(batch, seqlen):
                 cache_seqlens=seqlens)
 
 
-def ours_fn(flash_attn2, cfg, paged, num_splits):
+def ours_fn(flash_attn2, cfg, paged, num_splits, append=True):
+    """One decode step of ours: with `append`, the new token into the last row then attention over every row;
+    without, attention over the same rows (the token already written by an earlier call)."""
     k_cache, v_cache = cfg["paged"] if paged else (cfg["k_cache"], cfg["v_cache"])
     block_table = cfg["block_table"] if paged else None
-    return lambda: flash_attn2.flash_attn_with_kvcache(cfg["q"], k_cache, v_cache, cfg["k"], cfg["v"],
-                                                       cache_seqlens=cfg["cache_seqlens"], block_table=block_table,
-                                                       num_splits=num_splits)
+    k, v = (cfg["k"], cfg["v"]) if append else (None, None)
+    seqlens = cfg["cache_seqlens"] if append else cfg["cache_seqlens"] + 1
+    return lambda: flash_attn2.flash_attn_with_kvcache(cfg["q"], k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                                       block_table=block_table, num_splits=num_splits)
 
 
 def graphed(fn):
@@ -117,16 +128,29 @@ def graphed(fn):
     return graph.replay
 
 
-def sdpa_fn(cfg):
+def sdpa_fn(cfg, append=False):
     """SDPA on the dense cache after the append (ours writes the new token into the last row): q (b, h, 1, d),
-    k and v as contiguous (b, h_k, s, d) copies made outside the timing (SDPA's preferred layout)."""
+    k and v as contiguous (b, h_k, s, d) copies made outside the timing (SDPA's preferred layout). With
+    `append`, each call first copies the new token into the caches' last row, as a decode step with SDPA does
+    (the same values: the result is unchanged)."""
     q = cfg["q"].transpose(1, 2)
     k, v = (t.transpose(1, 2).contiguous() for t in (cfg["k_cache"], cfg["v_cache"]))
+    kwargs = {}
     if TORCH_HAS_ENABLE_GQA:
-        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    group = NHEADS // NHEADS_K
-    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # outside the timing
-    return lambda: F.scaled_dot_product_attention(q, k, v)
+        kwargs = dict(enable_gqa=True)
+    else:  # the repeated heads hold every query head's copy; the append writes all of them
+        group = NHEADS // NHEADS_K
+        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # outside the timing
+    heads = k.shape[1]
+    k_new, v_new = (t.transpose(1, 2).repeat_interleave(heads // NHEADS_K, dim=1) for t in (cfg["k"], cfg["v"]))
+    last = k.shape[2] - 1
+
+    def step():
+        if append:
+            k[:, :, last:].copy_(k_new)
+            v[:, :, last:].copy_(v_new)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return step
 
 
 TORCH_HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -157,40 +181,60 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
     if not diff <= CHECK_MAX_ABS_DIFF:
         print(f"   CHECK FAILED: max |ours - SDPA| = {diff:.3e} > {CHECK_MAX_ABS_DIFF}: no times for this config")
         return rows, 1
+    ours_attn = ours_fn(flash_attn2, cfg, False, args.num_splits, append=False)
+    diff_attn = (ours_attn().float() - want.float()).abs().max().item()
+    if not diff_attn <= CHECK_MAX_ABS_DIFF:
+        print(f"   CHECK FAILED: max |ours without the append - SDPA| = {diff_attn:.3e} > {CHECK_MAX_ABS_DIFF}: "
+              "no times for this config")
+        return rows, 1
     times = {"ours_dense": measure(do_bench, ours_dense, args),
-             "ours_paged": measure(do_bench, ours_fn(flash_attn2, cfg, True, args.num_splits), args)}
+             "ours_paged": measure(do_bench, ours_fn(flash_attn2, cfg, True, args.num_splits), args),
+             "ours_dense_attn": measure(do_bench, ours_attn, args)}
     if args.graph:
         times["ours_dense_graph"] = measure(do_bench, graphed(ours_dense), args)
         times["ours_paged_graph"] = measure(do_bench, graphed(ours_fn(flash_attn2, cfg, True, args.num_splits)), args)
-    sdpa = sdpa_fn(cfg)
-    for backend in (None,) + SDPA_BACKENDS:
-        name = "sdpa_auto" if backend is None else f"sdpa_{backend.split('_')[0].lower()}"
-        try:
-            with sdpa_context(backend):
-                times[name] = measure(do_bench, sdpa, args)
-        except Exception as err:  # a backend that refuses these shapes is a blank, not the end of the run
-            notes[name] = f"unavailable: {str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__}"
-            times[name] = float("nan")
-        torch.cuda.empty_cache()
-    finite = [ms for name, ms in times.items() if name.startswith("sdpa_") and math.isfinite(ms)]
-    best_sdpa = min(finite, default=float("nan"))
-    times["sdpa_best"] = best_sdpa
+        times["ours_dense_attn_graph"] = measure(do_bench, graphed(ours_attn), args)
+    for append in (False, True):
+        sdpa = sdpa_fn(cfg, append)
+        for backend in (None,) + SDPA_BACKENDS:
+            name = ("sdpa_auto" if backend is None else f"sdpa_{backend.split('_')[0].lower()}") + "_append" * append
+            try:
+                with sdpa_context(backend):
+                    times[name] = measure(do_bench, sdpa, args)
+            except Exception as err:  # a backend that refuses these shapes is a blank, not the end of the run
+                notes[name] = f"unavailable: {str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__}"
+                times[name] = float("nan")
+            torch.cuda.empty_cache()
+        del sdpa
+    best = {}
+    for append in (False, True):
+        finite = [ms for name, ms in times.items()
+                  if name.startswith("sdpa_") and name.endswith("_append") == append and math.isfinite(ms)]
+        best[append] = min(finite, default=float("nan"))
+    times["sdpa_best"], times["sdpa_best_append"] = best[False], best[True]
     nbytes = kv_bytes(batch, seqlen)
     for name, ms in times.items():
         bw = nbytes / (ms * 1e-3) if math.isfinite(ms) else float("nan")
+        # The same work: ours with the append against SDPA with it, ours without against SDPA alone.
+        whole_step = name.startswith("ours_") and "_attn" not in name
+        same_work = best[whole_step] if name.startswith("ours_") else float("nan")
+        note = {"ours_dense": f"max |ours - SDPA| {diff:.2e}",
+                "ours_dense_attn": f"max |ours - SDPA| {diff_attn:.2e}"}.get(name, "")
         rows.append(dict(backend=name, batch=batch, seqlen_cache=seqlen, ms=ms, tb_per_s=bw / 1e12,
-                         fraction_of_copy=bw / copy_bw, ratio_vs_sdpa=best_sdpa / ms if math.isfinite(ms) else math.nan,
-                         note=notes.get(name, f"max |ours - SDPA| {diff:.2e}" if name == "ours_dense" else "")))
+                         fraction_of_copy=bw / copy_bw, ratio_vs_sdpa=best[False] / ms if math.isfinite(ms) else math.nan,
+                         ratio_same_work=same_work / ms if math.isfinite(ms) else math.nan,
+                         note=notes.get(name, note)))
     del cfg
     torch.cuda.empty_cache()
     return rows, 0
 
 
 def print_rows(rows):
-    print(f"   {'backend':18s} {'ms':>9s} {'TB/s':>7s} {'of copy':>8s} {'SDPA/ours':>9s}  note")
+    print(f"   {'backend':22s} {'ms':>9s} {'TB/s':>7s} {'of copy':>8s} {'SDPA/ours':>9s} {'same work':>9s}  note")
     for row in rows:
-        print(f"   {row['backend']:18s} {row['ms']:9.4f} {row['tb_per_s']:7.3f} {row['fraction_of_copy']:8.1%} "
-              f"{row['ratio_vs_sdpa']:9.2f}  {row['note']}".rstrip(), flush=True)
+        print(f"   {row['backend']:22s} {row['ms']:9.4f} {row['tb_per_s']:7.3f} {row['fraction_of_copy']:8.1%} "
+              f"{row['ratio_vs_sdpa']:9.2f} {row['ratio_same_work']:9.2f}  {row['note']}".replace(" nan", "   -").rstrip(),
+              flush=True)
 
 
 def plot(rows, args, copy_bw):
@@ -204,7 +248,7 @@ def plot(rows, args, copy_bw):
         return
     fig, axes = plt.subplots(1, len(args.batches), squeeze=False, figsize=(4.5 * len(args.batches), 3.6))
     for ax, batch in zip(axes[0], args.batches):
-        for backend in ("ours_dense", "ours_paged", "sdpa_best"):
+        for backend in ("ours_dense", "ours_dense_attn", "ours_paged", "sdpa_best", "sdpa_best_append"):
             points = sorted((r["seqlen_cache"], r["tb_per_s"]) for r in rows
                             if r["batch"] == batch and r["backend"] == backend)
             if points:

@@ -58,3 +58,21 @@ def test_decode_bars(check_bars, tmp_path, capsys):
     assert "ours_dense_graph batch 1 cache 4096: 0.750 x SDPA" in out
     assert "ours_dense batch 64" not in out and "sdpa_cudnn" not in out
     assert "3 configs checked, 2 bars missed" in out
+
+
+def test_decode_miss_shows_the_same_work_ratio(check_bars, tmp_path, capsys):
+    path = tmp_path / "decode.csv"
+    fields = ["backend", "batch", "seqlen_cache", "ms", "tb_per_s", "fraction_of_copy", "ratio_vs_sdpa",
+              "ratio_same_work", "note"]
+    rows = [
+        ("ours_dense_graph", 1, 4096, 0.85, 0.88, 1.07),  # whole step: misses SDPA alone, not SDPA + append
+        ("ours_dense_attn_graph", 1, 4096, 0.85, 0.97, 0.97),  # attention alone: one ratio
+    ]
+    write_csv(path, fields, [dict(backend=backend, batch=batch, seqlen_cache=seqlen, ms=1.0, tb_per_s=1.0,
+                                  fraction_of_copy=fraction, ratio_vs_sdpa=ratio, ratio_same_work=same, note="")
+                             for backend, batch, seqlen, fraction, ratio, same in rows])
+    assert check_bars.main([str(path), "--pass", "decode"]) == 1
+    out = capsys.readouterr().out
+    assert "ours_dense_graph batch 1 cache 4096: 0.880 x SDPA < 1.0 (against SDPA with the append too: 1.070)" in out
+    assert "ours_dense_attn_graph batch 1 cache 4096: 0.970 x SDPA < 1.0\n" in out
+    assert "2 configs checked, 2 bars missed" in out
