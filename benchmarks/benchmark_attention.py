@@ -5,7 +5,8 @@ Shapes follow the FlashAttention-2 benchmark: a fixed number of tokens per step 
 seqlen) and a fixed model width (nheads = width // hdim), so every config moves the same number of
 bytes per tensor and only the N^2 term grows. FLOPs = 4 * batch * nheads * seqlen^2 * hdim (two
 matmuls of 2*N^2*d each), halved when causal; the backward pass counts 2.5x that (FA2's convention).
-Times are triton.testing.do_bench medians (CUDA events, L2 flushed between runs).
+Times are triton.testing.do_bench medians (CUDA events, L2 flushed between runs) over at least --min-iters
+calls (do_bench alone runs --rep ms worth: 5 calls of a 20 ms backward).
 
 Before each config is timed, our output is checked against a float64 reference on a slice (batch 0,
 two heads, the first and last query rows), and for a backward pass so are our gradients (batch 0, two
@@ -219,6 +220,10 @@ def parse_args(argv=None):
     parser.add_argument("--plot", help="write TFLOP/s vs seqlen plots to this PNG file (needs matplotlib)")
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms (default: %(default)s)")
     parser.add_argument("--rep", type=float, default=100, help="do_bench measuring time, ms (default: %(default)s)")
+    parser.add_argument(
+        "--min-iters", type=int, default=30,
+        help="time at least this many calls: the measuring time grows past --rep for long calls (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--memory", action="store_true",
@@ -230,6 +235,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     args.modifiers = Modifiers(args.window, args.softcap, args.alibi, args.dropout)
+    if args.min_iters < 1:
+        parser.error(f"--min-iters must be >= 1, got {args.min_iters}")
     if args.softcap < 0 or not 0 <= args.dropout < 1:
         parser.error(f"--softcap must be >= 0 and --dropout in [0, 1), got {args.softcap:g} and {args.dropout:g}")
     if args.memory and (args.modifiers.active or args.varlen):
@@ -605,6 +612,19 @@ def timed_fn(forward, inputs, direction):
     return lambda: torch.autograd.grad(forward(), inputs, grad_out)
 
 
+def median_ms(do_bench, fn, args):
+    """do_bench's median time of fn over at least args.min_iters calls. do_bench runs as many calls as fit in
+    its rep (ms) by its own estimate of one call, so the rep grows with one timed call of fn."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    rep = max(args.rep, args.min_iters * start.elapsed_time(end))
+    return do_bench(fn, warmup=args.warmup, rep=rep, return_mode="median")
+
+
 def is_sticky_cuda_error(err):
     """After an illegal access or a launch failure the CUDA context is unusable: stop, don't record NaNs."""
     return "CUDA error" in str(err) and "out of memory" not in str(err)
@@ -683,8 +703,7 @@ def measure_config(args, config, lengths, flash_attn2, do_bench):
                                                   deterministic(backend, args))
                         failed = max(failed, int(not passed))
                     if passed:
-                        ms = do_bench(timed_fn(forward, inputs, args.direction), warmup=args.warmup, rep=args.rep,
-                                      return_mode="median")
+                        ms = median_ms(do_bench, timed_fn(forward, inputs, args.direction), args)
             except Exception as err:  # an unsupported backend/config is a NaN, not the end of the run
                 if is_sticky_cuda_error(err):
                     raise
