@@ -39,7 +39,10 @@ for bar in $BARS; do
   case "$bar" in
     fwd | bwd | fwd_bwd)
       backends="$BACKENDS"
-      if [ "$bar" = bwd ] && [[ " $BARS " == *" det "* ]]; then backends="ours,ours_det,${BACKENDS#ours,}"; fi
+      if [ "$bar" = bwd ] && [[ " $BARS " == *" det "* ]]; then  # ours, ours_det, then BACKENDS' others
+        others="$(echo ",$BACKENDS," | sed 's/,ours,/,/g; s/^,//; s/,$//')"
+        backends="ours,ours_det${others:+,$others}"
+      fi
       bench "$bar" --hdims 64,128 --dtypes "$DTYPES" --pass "$bar" --backends "$backends"
       check "$bar" "$OUT_DIR/$bar.csv" ;;
     other | other_fwd | other_bwd)
