@@ -19,9 +19,9 @@
 #include "collective/bulk_copy.h"
 #include "collective/copy.h"
 #include "collective/gemm.h"
-#include "collective/staggered_order.h"
 #include "collective/mask.h"
 #include "collective/score_mod.h"
+#include "collective/staggered_order.h"
 #include "collective/tma_copy.h"
 #include "collective/utils.h"
 #include "launch/bwd_kernel_params.h"
@@ -43,7 +43,8 @@ using namespace cute;
 // bf16 hdim 128) instead of 120 / 360.
 // kStaggered: that TMA kernel in the ordered mode's staggered order (BwdKernelParams::dq_staggered), a kernel of its
 // own because its turn count cost the others registers (ptxas, bf16 hdim 128 causal, TMA kernel: spills
-// 116 / 360 B -> 208 / 788 B with it compiled in). Hopper only: elsewhere its body is a trap.
+// 116 / 360 B -> 208 / 788 B with the first version, a ballot at each hand-over, compiled in). Hopper only:
+// elsewhere its body is a trap.
 template <class Traits, MaskMode kMask, Modifiers kMods, bool kDeterministic = false, bool kTmaQdO = false,
           bool kStaggered = false>
 struct FlashBwdKernelSm80 {
@@ -468,7 +469,8 @@ struct FlashBwdKernelSm80 {
         constexpr bool kRotate = (kMods == Modifiers::kPlain || kMods == Modifiers::kSoftcap) && !Mask::kHasLeft;
         int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
         int const m_bare = m_block_end - m_block_unmasked_begin;  // >= 0
-        // The ordered dQ needs every key block of a head to walk the query blocks in the same order.
+        // The ordered dQ (not staggered) needs every key block of a head to walk the query blocks in the same
+        // order.
         bool const walk_up = serpentine && walks % 2 == 1;  // serpentine: odd walks ascend
         // Staggered: rotated by the split (staggered_position in collective/staggered_order.h).
         int const m_first = walk_up                      ? m_block_begin

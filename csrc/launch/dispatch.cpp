@@ -309,9 +309,10 @@ bool ordered_dq_enabled() {
 
 // The staggered mode (BwdKernelParams::dq_staggered), FLASH_ATTN2_BWD_DET=staggered: one dQ accumulator that a
 // head's splits add to in turns, in an order they meet at their own pace because all of them are resident
-// at once. Its splits per head: as many as the resident CTAs allow (a lane of warp 0 each for the turn
-// count: at most 32), kept where that fills the SMs about as well as the private slices' count does and
-// gives at least two (one split needs no turns: the slices with one slice are that). Else 0.
+// at once. Its splits per head: as many as the resident CTAs allow, at most 32 (at each round's start each
+// thread's turn count goes over the other splits), kept where that fills the SMs about as well as the
+// private slices' count does and gives at least two (one split needs no turns: the slices with one slice
+// are that). Else 0.
 // Not yet measured (written in a session without a GPU): opt-in until its A/B against the slices.
 constexpr int kMaxStaggeredSplits = 32;
 bool staggered_dq_enabled() {
