@@ -72,12 +72,8 @@ COMPANION_BACKENDS = {
     "ours_dense": "flash_attn_func on the packed data as a (b, s, h, d) batch, same modifiers (needs --varlen equal)",
     "torch_varlen": "torch.nn.attention.varlen.varlen_attn on the packed batch (needs --varlen)",
     "ours_det": "ours with deterministic=True, timed right after ours on the same inputs (needs --pass bwd or fwd_bwd)",
-    "ours_det_staggered": "ours_det in the staggered mode (FLASH_ATTN2_BWD_DET=staggered while it runs; needs --pass bwd "
-                         "or fwd_bwd)",
 }
-OURS_BACKENDS = ("ours", "ours_plain", "ours_dense", "ours_det", "ours_det_staggered")
-# Environment a backend runs under (set while it is checked and timed, restored after).
-BACKEND_ENV = {"ours_det_staggered": {"FLASH_ATTN2_BWD_DET": "staggered"}}
+OURS_BACKENDS = ("ours", "ours_plain", "ours_dense", "ours_det")
 ALL_BACKENDS = BACKENDS + tuple(COMPANION_BACKENDS)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # FA2's FLOP convention: the backward pass does 2.5x the forward's matmul work.
@@ -89,7 +85,6 @@ RATIO_FIELDS = (
     ("window_ideal_speedup", "ideal"),  # visible pairs without the window / with it
     ("varlen_vs_dense", "vl/dense"),  # time(ours) / time(ours_dense), --varlen equal
     ("det_cost", "det"),  # time(ours_det) / time(ours): what deterministic=True costs
-    ("det_staggered_cost", "det_st"),  # time(ours_det_staggered) / time(ours): the same in the staggered mode
 )
 CSV_FIELDS = (
     "backend", "pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "ms", "tflops", "deterministic",
@@ -259,8 +254,7 @@ def parse_args(argv=None):
         if unknown or not chosen:
             parser.error(f"unknown {name} {unknown or '(none given)'}; choose from {', '.join(valid)}")
     available = {"ours_plain": args.modifiers.active, "ours_dense": args.varlen == "equal",
-                 "torch_varlen": args.varlen is not None, "ours_det": args.direction != "fwd",
-                 "ours_det_staggered": args.direction != "fwd"}
+                 "torch_varlen": args.varlen is not None, "ours_det": args.direction != "fwd"}
     for backend in args.backends:
         if not available.get(backend, True):
             parser.error(f"backend {backend} is {COMPANION_BACKENDS[backend]}")
@@ -545,9 +539,8 @@ def forward_fn(backend, work, causal, mods, flash_attn2, deterministic=False):
 
 
 def deterministic(backend, args):
-    """Our backward's mode for `backend`: ours_det[_staggered] always deterministic, the others as --deterministic
-    says."""
-    return backend in ("ours_det", "ours_det_staggered") or args.deterministic
+    """Our backward's mode for `backend`: ours_det always deterministic, the others as --deterministic says."""
+    return backend == "ours_det" or args.deterministic
 
 
 def check_ours(backend, work, causal, mods, flash_attn2, args, deterministic=False):
@@ -599,26 +592,8 @@ def check_ours(backend, work, causal, mods, flash_attn2, args, deterministic=Fal
     return passed, "; ".join(notes)
 
 
-@contextlib.contextmanager
-def environment(values):
-    """os.environ with `values` set, restored on exit."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def backend_context(backend):
-    """SDPA's backend is chosen by a context around the call; ours_det_staggered's mode by the environment
-    (BACKEND_ENV); the others need none."""
-    if backend in BACKEND_ENV:
-        return environment(BACKEND_ENV[backend])
+    """SDPA's backend is chosen by a context around the call; the others need none."""
     if backend not in SDPA_BACKENDS:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -772,9 +747,6 @@ def add_ratios(rows, lengths, causal, mods):
     if "ours_det" in ms:
         ours["det_cost"] = ms["ours_det"] / ms["ours"]
         parts.append(f"deterministic ours_det/ours {ours['det_cost']:.3f}")
-    if "ours_det_staggered" in ms:
-        ours["det_staggered_cost"] = ms["ours_det_staggered"] / ms["ours"]
-        parts.append(f"staggered ours_det_staggered/ours {ours['det_staggered_cost']:.3f}")
     if parts:
         print(f"   {'time ratios':15s} {'; '.join(parts)}".replace("nan", "-"), flush=True)
 

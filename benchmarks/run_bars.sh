@@ -6,13 +6,12 @@
 #                      (other_fwd, other_bwd: one of the two)
 #   det                the backward with deterministic=True, DTYPES: backend ours_det, timed right after ours
 #                      on each config (in the bwd bar's run when BARS has bwd too); det_cost.py prints
-#                      det time / default time per config. DET_BACKENDS (default ours_det) lists the
-#                      deterministic backends timed (ours_det,ours_det_staggered: the staggered mode's too)
+#                      det time / default time per config
 #   decode             benchmark_decode.py --graph (needs the hdim 128 KV-cache kernels)
 # Each benchmark writes $OUT/<name>.csv and .log; check_bars.py reads every CSV, its verdicts go to
 # $OUT/bars.txt; the folder is packed into $OUT/bars.tgz (the device tool brings back at most 8 files).
 # Environment: BARS (default "fwd bwd fwd_bwd other det decode"), DTYPES (default bf16,fp16), OTHER_HDIMS,
-# BACKENDS (of the fwd, bwd and fwd_bwd bars; default ours,sdpa_flash,sdpa_cudnn), DET_BACKENDS (det).
+# BACKENDS (of the fwd, bwd and fwd_bwd bars; default ours,sdpa_flash,sdpa_cudnn).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
@@ -21,7 +20,6 @@ BARS="${BARS:-fwd bwd fwd_bwd other det decode}"
 DTYPES="${DTYPES:-bf16,fp16}"
 OTHER_HDIMS="${OTHER_HDIMS:-96,192,256}"
 BACKENDS="${BACKENDS:-ours,sdpa_flash,sdpa_cudnn}"
-DET_BACKENDS="${DET_BACKENDS:-ours_det}"
 SEQLENS=1024,2048,4096,8192,16384
 mkdir -p "$OUT_DIR"
 : > "$OUT_DIR/bars.txt"
@@ -43,7 +41,7 @@ for bar in $BARS; do
       backends="$BACKENDS"
       if [ "$bar" = bwd ] && [[ " $BARS " == *" det "* ]]; then  # ours, ours_det, then BACKENDS' others
         others="$(echo ",$BACKENDS," | sed 's/,ours,/,/g; s/^,//; s/,$//')"
-        backends="ours,${DET_BACKENDS}${others:+,$others}"
+        backends="ours,ours_det${others:+,$others}"
       fi
       bench "$bar" --hdims 64,128 --dtypes "$DTYPES" --pass "$bar" --backends "$backends"
       check "$bar" "$OUT_DIR/$bar.csv" ;;
@@ -58,11 +56,9 @@ for bar in $BARS; do
       det_csv="$OUT_DIR/bwd.csv"
       if [[ " $BARS " != *" bwd "* ]]; then
         det_csv="$OUT_DIR/det.csv"
-        bench det --hdims 64,128 --dtypes "$DTYPES" --pass bwd --backends "ours,$DET_BACKENDS"
+        bench det --hdims 64,128 --dtypes "$DTYPES" --pass bwd --backends ours,ours_det
       fi
-      for det_backend in ${DET_BACKENDS//,/ }; do
-        python3 benchmarks/det_cost.py --backend "$det_backend" "$det_csv" >> "$OUT_DIR/bars.txt" 2>&1
-      done ;;
+      python3 benchmarks/det_cost.py "$det_csv" >> "$OUT_DIR/bars.txt" 2>&1 ;;
     decode)
       start=$SECONDS
       python3 benchmarks/benchmark_decode.py --graph --rep 50 --warmup 10 --csv "$OUT_DIR/decode.csv" \

@@ -13,8 +13,6 @@ Inputs are fresh ``randn``, and the allocator is filled with NaN before each bac
 gradient element the kernels fail to write shows up as NaN.
 """
 
-import os
-
 import pytest
 import torch
 from kernel_grid import grid_or_skip, kernel_id, one_kernel_per_dtype_and_mask, plain_kernels
@@ -381,19 +379,17 @@ def test_deterministic_backward_is_bitwise_reproducible(kernel):
     assert_grads_match_reference(atomic, q, k, v, grad_out, causal)
 
 
-@pytest.mark.parametrize("seqlen_q", [3001, 3000])
-@pytest.mark.parametrize("mode", ["ordered", "slices", "staggered"])
+@pytest.mark.parametrize("mode", ["ordered", "slices"])
 @pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(BWD_KERNELS, reason=NO_BWD_KERNEL))
-def test_deterministic_modes_at_length(kernel, mode, seqlen_q, monkeypatch):
-    """The deterministic dq modes with many key blocks per head (s_k ~ 4k), GQA and s_q != s_k: the
-    private slices (the default), the ordered one (FLASH_ATTN2_BWD_DET=ordered, Hopper only: the key
-    blocks of a head add to each dq tile in turns, lowest first) and its staggered (FLASH_ATTN2_BWD_DET=staggered,
-    Hopper, hdim 64 / 128, s_q % 4 == 0, else the slices: a head's 32 splits add in turns in the order they
-    reach each tile) each reproduce their bits and match the reference."""
+def test_deterministic_modes_at_length(kernel, mode, monkeypatch):
+    """Both deterministic dq modes with many key blocks per head (s_k ~ 4k), GQA and s_q != s_k: the
+    private slices (the default) and the ordered one (FLASH_ATTN2_BWD_DET=ordered, Hopper only: the key
+    blocks of a head add to each dq tile in turns, lowest first) each reproduce their bits and match the
+    reference."""
     causal = kernel.mask == "causal"
-    if mode != "slices":
-        monkeypatch.setenv("FLASH_ATTN2_BWD_DET", mode)
-    q, k, v = make_qkv(1, seqlen_q, 4099, 4, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
+    if mode == "ordered":
+        monkeypatch.setenv("FLASH_ATTN2_BWD_DET", "ordered")
+    q, k, v = make_qkv(1, 3001, 4099, 4, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
     grad_out = torch.randn_like(q)
     first = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)
     again = run_backward(attention_fn(causal, deterministic=True), (q, k, v), grad_out, kernel.mask)
@@ -415,17 +411,11 @@ DET_OPTIONS = {
     "slices_add": {"FLASH_ATTN2_BWD_DET_STORE": "add"},
     "slices_4": {"FLASH_ATTN2_BWD_DET_SPLITS": "4"},
     "slices_cp_async": {"FLASH_ATTN2_BWD_DET_TMA": "0"},
-    "staggered": {"FLASH_ATTN2_BWD_DET": "staggered"},
-    "staggered_2": {"FLASH_ATTN2_BWD_DET": "staggered", "FLASH_ATTN2_BWD_DET_SPLITS": "2"},
-    "staggered_stride_5": {"FLASH_ATTN2_BWD_DET": "staggered", "FLASH_ATTN2_BWD_DET_STRIDE": "5"},
 }
 """The private slices' options: the walk (by default serpentine where a split is a whole head, else the
 default kernel's rotated one; FLASH_ATTN2_BWD_DET_WALK forces either), the first key block of a split storing
 its dq tiles (FLASH_ATTN2_BWD_DET_STORE=add: memset and add instead), and the splits per head
-(FLASH_ATTN2_BWD_DET_SPLITS), and on Hopper Q and dO through cp.async instead of TMA (FLASH_ATTN2_BWD_DET_TMA=0).
-The staggered mode (FLASH_ATTN2_BWD_DET=staggered; Hopper, hdim 64 / 128, s_q % 4 == 0, else the slices): with the
-splits the residency allows, with 2 (more rounds), and with its walks 5 query blocks apart (more than some
-walks are long)."""
+(FLASH_ATTN2_BWD_DET_SPLITS), and on Hopper Q and dO through cp.async instead of TMA (FLASH_ATTN2_BWD_DET_TMA=0)."""
 
 
 @pytest.mark.parametrize("option", list(DET_OPTIONS))
@@ -674,57 +664,3 @@ def test_refuses_backward_that_was_not_built():
     out = flash_attn_func(q, k, v, causal=kernel.mask == "causal")
     with pytest.raises(RuntimeError, match="no backward kernel was built"):
         out.sum().backward()
-
-
-def _hopper_bulk_dq():
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-            and os.environ.get("FLASH_ATTN2_BWD_DQ") != "atomic")
-
-
-@pytest.mark.parametrize("kernel", one_kernel_per_dtype_and_mask(
-    [k for k in BWD_KERNELS if k.head_dim in (64, 128)], reason=NO_BWD_KERNEL))
-def test_deterministic_staggered_takes_one_accumulator(kernel, monkeypatch):
-    """FLASH_ATTN2_BWD_DET=staggered runs where it applies (Hopper, hdim 64 / 128, s_q % 4 == 0): its workspace
-    holds one dq accumulator, where the private slices hold one per split (32 here, 4 heads over 32 key
-    blocks), so the backward's peak memory shows which mode ran. Both give the same gradients up to the
-    order of the fp32 sums, and the staggered mode its own bits again inside a CUDA graph (its cooperative
-    launch is captured)."""
-    if not _hopper_bulk_dq():
-        pytest.skip("the staggered mode needs the Hopper bulk dq path")
-    causal = kernel.mask == "causal"
-    q, k, v = make_qkv(1, 3000, 4096, 4, 2, kernel.head_dim, TORCH_DTYPES[kernel.dtype])
-    grad_out = torch.randn_like(q)
-    attention = attention_fn(causal, deterministic=True)
-    peaks, grads = {}, {}
-    for mode in ("slices", "staggered"):
-        if mode == "staggered":
-            monkeypatch.setenv("FLASH_ATTN2_BWD_DET", "staggered")
-        out = attention(q, k, v)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        grads[mode] = torch.autograd.grad(out, (q, k, v), grad_out)
-        torch.cuda.synchronize()
-        peaks[mode] = torch.cuda.max_memory_allocated() - base
-    accumulator = 4 * 3000 * kernel.head_dim * 4  # rows x head dim, fp32
-    assert peaks["staggered"] + 16 * accumulator < peaks["slices"], (
-        f"staggered should hold one dq accumulator, not one per split: peaks {peaks}, accumulator {accumulator} B")
-    assert_grads_match_reference(grads["staggered"], q, k, v, grad_out, causal)
-    for name, a, b in zip(("dq", "dk", "dv"), grads["staggered"], grads["slices"]):
-        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=f"{name}: staggered against slices")
-
-    # A CUDA graph of forward + staggered backward (captured together: the backward's ops run on the stream
-    # of their forward) replays its bits.
-    static_grad = grad_out.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up on a side stream, as torch.cuda.graphs asks
-            torch.autograd.grad(attention(q, k, v), (q, k, v), static_grad)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.autograd.grad(attention(q, k, v), (q, k, v), static_grad)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_equal_grads(captured, grads["staggered"], "a CUDA graph of the staggered backward must replay its bits")

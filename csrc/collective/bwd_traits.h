@@ -89,10 +89,6 @@ struct BwdTraitsSm80 {
   // stage's mbarrier with its Q and dO: the step reads them from shared memory, not from DRAM (PERF_LOG b25).
   static constexpr int kTmaRowsOffset = (kTmaBarrierOffset + kStages * int(sizeof(uint64_t)) + 15) / 16 * 16;
   static constexpr int kTmaSmemBytes = kTmaRowsOffset + kStages * 2 * kBlockM * int(sizeof(float));
-  // The staggered kernel (BwdKernelParams::dq_staggered) adds, after those, its split's turn at each query
-  // block in the current round (16 bits each, for at most kStaggeredMaxQueryBlocks query blocks).
-  static constexpr int kStaggeredTurnsOffset = kTmaSmemBytes;
-  static constexpr int kStaggeredSmemBytes = kStaggeredTurnsOffset + kStaggeredMaxQueryBlocks * 2;
   static constexpr bool kTmaQdOCapable =
       Sm80Swizzle<kHeadDim>::kAtomCols == 64 && (kHeadDim == 64 || kHeadDim == 128);
   static constexpr bool kBulkDqWorthIt = kSmemBytes > kTwoCtasPerSmSmemBytes;

@@ -82,11 +82,6 @@ constexpr KVCacheTile kvcache_tile(int head_dim, bool compact = false) {
   }
 }
 
-// The deterministic backward's staggered mode keeps its split's turn at each query block of a round in
-// shared memory, 16 bits each: at most this many query blocks (seqlen_q up to 256k at block_m 64; longer
-// ones take the private slices) and 65535 key blocks (dispatch.cpp, staggered_splits).
-constexpr int kStaggeredMaxQueryBlocks = 4096;
-
 // The opt-in shared memory per block of the smallest GPUs the sm80 kernels run on (sm86, sm89, sm120).
 constexpr int kSmallGpuSmemBytes = 99 * 1024;
 // The most a block may take for two to share an H100/H200 SM (228 KB, 1 KB reserved per block).

@@ -21,7 +21,6 @@
 #include "collective/gemm.h"
 #include "collective/mask.h"
 #include "collective/score_mod.h"
-#include "collective/staggered_order.h"
 #include "collective/tma_copy.h"
 #include "collective/utils.h"
 #include "launch/bwd_kernel_params.h"
@@ -41,20 +40,13 @@ using namespace cute;
 // switch between the two load paths cost the cp.async one 4-6%; but it keeps the cp.async path behind
 // params.tma_qdo (always set where it runs): without that branch ptxas spills 472 B / 1284 B (stores / loads,
 // bf16 hdim 128) instead of 120 / 360.
-// kStaggered: that TMA kernel in the ordered mode's staggered order (BwdKernelParams::dq_staggered), a kernel of its
-// own because its turn count cost the others registers (ptxas, bf16 hdim 128 causal, TMA kernel: spills
-// 116 / 360 B -> 208 / 788 B with the first version, a ballot at each hand-over, compiled in). Hopper only:
-// elsewhere its body is a trap.
-template <class Traits, MaskMode kMask, Modifiers kMods, bool kDeterministic = false, bool kTmaQdO = false,
-          bool kStaggered = false>
+template <class Traits, MaskMode kMask, Modifiers kMods, bool kDeterministic = false, bool kTmaQdO = false>
 struct FlashBwdKernelSm80 {
   static constexpr bool kModifiers = kMods != Modifiers::kPlain;
   static constexpr bool kSoftcap = ScoreModifiers<kMods>::kSoftcap;
   static constexpr bool kDropout = kMods == Modifiers::kAll;
   static_assert(!kTmaQdO || (kDeterministic && Traits::kTmaQdOCapable && Traits::kStages == 2),
                 "TMA loads of Q and dO: the deterministic kernel, 64-column swizzle atoms, two stages");
-  static_assert(!kStaggered || (kTmaQdO && kMask != MaskMode::kLocal),
-                "staggered: the TMA kernel, without a left window edge");
   using Element = typename Traits::Element;
   static constexpr int kBlockM = Traits::kBlockM;
   static constexpr int kBlockN = Traits::kBlockN;
@@ -122,39 +114,7 @@ struct FlashBwdKernelSm80 {
     }
   }
 
-  // The staggered kernel: split `split`'s turn at each query block it visits in `round`
-  // (collective/staggered_order.h), into turns[m], the block's threads taking the query blocks in turn. Called
-  // at a round's start, before dK and dV are live, and not inlined. ptxas, bf16 hdim 128, spill stores / loads
-  // of the staggered kernel against the TMA deterministic kernel's 120 / 364 B (non-causal) and 116 / 360 B
-  // (causal): counted at each hand-over (warp 0, a ballot over the splits) 136 / 412 and 192 / 584; inlined
-  // at the round's start 144 / 480 and 132 / 340; out of line 136 / 324 and 116 / 268.
-  template <class M>
-  __noinline__ __device__ static void count_staggered_turns_of(M const& mask, int n_blocks, int stride, int round,
-                                                               int splits, int split, uint16_t* turns, int tidx) {
-    if constexpr (!M::kHasLeft) {
-      int const m_blocks = mask.m_blocks();
-      StaggeredWalk const mine = staggered_walk(mask, n_blocks, stride, round, splits, split);
-      for (int m = tidx; m < m_blocks; m += kNThreads) {
-        if (staggered_position(mine, m_blocks, m) < 0) { continue; }  // not on this split's walk
-        int turn = staggered_turns_before_round(round, splits);
-        for (int s = 0; s < splits; ++s) {
-          if (s != split && staggered_before(staggered_walk(mask, n_blocks, stride, round, splits, s), s, mine, split,
-                                             m_blocks, m)) {
-            ++turn;
-          }
-        }
-        turns[m] = uint16_t(turn);
-      }
-    }
-  }
-
   CUTE_DEVICE void operator()(BwdKernelParams const& params, char* smem_buf) const {
-#ifndef FLASH_ATTN2_BULK_COPY
-    if constexpr (kStaggered) {
-      __trap();  // never launched before sm_90 (its turns need the bulk dQ path)
-      return;
-    }
-#endif
     int const tidx = threadIdx.x;
     int const splits = params.num_splits;
     // Without a mask the splits of one head are consecutive, sharing Q and dO in L2. Under one the first
@@ -340,14 +300,9 @@ struct FlashBwdKernelSm80 {
     // key block's end), once the reduction is complete. Neither this nor passing it at the step's second
     // barrier beat the private slices (PERF_LOG b21): the mode is kept for A/B only.
     bool const ordered_dq = kDeterministic && bulk_dq && params.dq_turns != nullptr;
-    // The ordered mode, staggered (BwdKernelParams::dq_staggered; kStaggered): rounds of splits, the key
-    // blocks of a round walking rotated apart. Without a left window edge the deterministic kernel (the
-    // plain family's) takes the rotated walk (kRotate below) that staggered_position describes.
-    bool const staggered = kStaggered && ordered_dq;
 #else
     constexpr bool bulk_dq = false;
     constexpr bool ordered_dq = false;
-    constexpr bool staggered = false;
 #endif
     bool const early_loads = kDeterministic && (params.early_loads || (kTmaQdO && params.tma_qdo));  // TMA: both boxes at once
     // This chain's turn counters: params.dq_turns + dq_turns_base + m_block (32 bits: one register less).
@@ -370,14 +325,6 @@ struct FlashBwdKernelSm80 {
       return (n_block - first) / params.num_accum_slices;
     };
     int dq_unpassed = -1;  // thread 0: the tile whose reduction is issued but whose turn is not passed
-    // Staggered: this split's turn at each query block in the current round, which every thread helps count
-    // at the round's start (count_staggered_turns_of).
-    uint16_t* const staggered_turns = reinterpret_cast<uint16_t*>(smem_buf + Traits::kStaggeredTurnsOffset);
-    auto count_staggered_turns = [&](int round) {
-      if constexpr (!Mask::kHasLeft) {
-        count_staggered_turns_of(mask, n_blocks, params.dq_staggered_stride, round, splits, split, staggered_turns, tidx);
-      }
-    };
     auto pass_dq_turn = [&] {
       if (dq_unpassed >= 0) {
         bulk_wait_all();
@@ -399,11 +346,10 @@ struct FlashBwdKernelSm80 {
       if (bulk_dq) {
         if (tidx == 0 && dq_staged >= 0) {
           int const rows = min(kBlockM, binfo.seqlen_q - dq_staged * kBlockM);
-          // Ordered, not staggered: one round, so the key block is `split`.
+          // Ordered: one round, so the key block is `split`.
           if (ordered_dq) {
             pass_dq_turn();
-            wait_turn(params.dq_turns + dq_turns_base + dq_staged,
-                      staggered ? int(staggered_turns[dq_staged]) : dq_turn(split, dq_staged));
+            wait_turn(params.dq_turns + dq_turns_base + dq_staged, dq_turn(split, dq_staged));
             dq_unpassed = dq_staged;
           }
           if (kDeterministic && dq_store) {
@@ -430,16 +376,14 @@ struct FlashBwdKernelSm80 {
 
     // Round r of a split takes key block r * splits + (split, or splits - 1 - split on odd rounds): the
     // zigzag evens out causal work (lower key blocks see more queries) across a deterministic run's splits.
-    for (int round = 0, n_block = split; n_block < n_blocks; ++round, n_block = zigzag_key_block(round, splits, split)) {
+    for (int round = 0, n_block = split; n_block < n_blocks;
+         ++round, n_block = round * splits + (round % 2 == 0 ? split : splits - 1 - split)) {
       int const rows_k = binfo.seqlen_k - n_block * kBlockN;
       int const m_block_begin = mask.m_block_begin(n_block);
       int const m_block_end = mask.m_block_end(n_block);
       // Storing first: round 0's key block is the split's lowest, and without a left window edge
       // (dq_store_first's condition) every later one sees a subset of its query blocks.
       dq_store = store_first && round == 0;
-      // The previous round's last turn was read before the epilogue's second barrier; this round's are read
-      // after its first step's.
-      if (staggered) { count_staggered_turns(round); }
       if (dq_store) {
         if (m_block_begin < m_block_end) {
           zero_dq_rows(0, m_block_begin * kBlockM);
@@ -469,15 +413,11 @@ struct FlashBwdKernelSm80 {
         constexpr bool kRotate = (kMods == Modifiers::kPlain || kMods == Modifiers::kSoftcap) && !Mask::kHasLeft;
         int const m_block_unmasked_begin = mask.m_block_unmasked_begin(n_block);
         int const m_bare = m_block_end - m_block_unmasked_begin;  // >= 0
-        // The ordered dQ (not staggered) needs every key block of a head to walk the query blocks in the same
-        // order.
+        // The ordered dQ needs every key block of a head to walk the query blocks in the same order.
         bool const walk_up = serpentine && walks % 2 == 1;  // serpentine: odd walks ascend
-        // Staggered: rotated by the split (staggered_position in collective/staggered_order.h).
-        int const m_first = walk_up                      ? m_block_begin
-                            : !kRotate || m_bare == 0    ? m_block_end - 1
-                            : staggered                  ? m_block_end - 1 - params.dq_staggered_stride * split % m_bare
-                            : !ordered_dq && !serpentine ? m_block_end - 1 - n_block % m_bare
-                                                         : m_block_end - 1;
+        int const m_first = walk_up                                       ? m_block_begin
+                            : kRotate && m_bare > 0 && !ordered_dq && !serpentine ? m_block_end - 1 - n_block % m_bare
+                                                                                  : m_block_end - 1;
         load_q_do(m_first, 0);  // one group with K and V
 
         int buf = 0;

@@ -32,19 +32,6 @@ struct BwdKernelParams : BwdParams {
   // launched first, so a CTA only ever waits for CTAs that are running or done).
   int* __restrict__ dq_turns = nullptr;
   int dq_turn_blocks = 0;     // ceil(seqlen_q / the backward's block_m)
-  // The ordered mode, staggered (with dq_turns and one slice; the dispatcher sets it where the grid's CTAs
-  // can all be resident at once, and the launcher launches the grid as a cooperative one, which guarantees
-  // that): a head's splits walk their key blocks in rounds (zigzag_key_block), and in each round split s
-  // walks its key block's bare query blocks from the last minus dq_staggered_stride * s (rotated), then the
-  // masked ones from the top down. The additions to a dQ tile go in the order the splits reach it when
-  // none waits (collective/staggered_order.h: round, then step, then split): in a round the splits reach
-  // each bare tile one after another, dq_staggered_stride steps apart (the highest first), so a turn is
-  // passed before the next split wants it, and the tile, Q and dO are still in L2 when it comes (one
-  // accumulator for all splits: none of the private slices' DRAM traffic). A split only waits for
-  // additions that come before its own in that order, made by CTAs that are resident: no deadlock. Only
-  // without a left window edge (every key block then sees the query blocks from its first up to the last).
-  bool dq_staggered = false;
-  int dq_staggered_stride = 2;
   // The deterministic kernel's placement of the next query block's loads (FlashBwdKernelSm80's
   // kDeterministic; set by the launcher).
   bool early_loads = false;

@@ -7,7 +7,6 @@
 #include <cstring>
 
 #include "common/strings.h"
-#include "common/tile_config.h"
 #include "launch/fwd_launch.h"
 
 namespace flash_attn2 {
@@ -246,12 +245,6 @@ int64_t lse_rows(FwdParams const& p) {
 constexpr size_t kWorkspaceAlign = 256;
 size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
-// The fraction of the SMs' last wave that `ctas` CTAs fill, one CTA per SM.
-double wave_fill(int64_t ctas, int num_sms) {
-  int64_t const waves = (ctas + num_sms - 1) / num_sms;
-  return waves == 0 ? 0.0 : double(ctas) / double(waves * num_sms);
-}
-
 // CTAs per (batch, head). Without private dQ slices one per key block, all adding dQ atomically (or, the
 // ordered deterministic mode, in turns). With them, each split owns a private dQ accumulator (memory:
 // splits x dQ in fp32), so take the fewest splits that keep the SMs as busy as the most would: the
@@ -261,7 +254,11 @@ int choose_splits(BwdParams const& p, int block_n, int num_sms, bool private_sli
   if (!private_slices || n_blocks <= 1) { return n_blocks; }
   int64_t const heads = int64_t(p.batch) * p.num_heads;
   int const limit = int(std::min<int64_t>(n_blocks, 2 * num_sms / std::max<int64_t>(heads, 1) + 1));
-  auto fill_of = [&](int s) { return wave_fill(heads * s, num_sms); };
+  auto fill_of = [&](int s) {
+    int64_t const ctas = heads * s;
+    int64_t const waves = (ctas + num_sms - 1) / num_sms;
+    return double(ctas) / double(waves * num_sms);
+  };
   int best = 1;
   double best_fill = 0.0;
   for (int s = 1; s <= limit; ++s) {
@@ -280,7 +277,6 @@ struct BwdPlan {
   int num_splits = 0;
   int num_accum_slices = 0;
   bool ordered_dq = false;  // deterministic through dq_turns (BwdKernelParams)
-  bool dq_staggered = false;  // and staggered (BwdKernelParams::dq_staggered)
   int dq_turn_blocks = 0;
   size_t dsum_bytes = 0;
   size_t accum_bytes = 0;
@@ -307,46 +303,6 @@ bool ordered_dq_enabled() {
   return mode != nullptr && std::strcmp(mode, "ordered") == 0;
 }
 
-// The staggered mode (BwdKernelParams::dq_staggered), FLASH_ATTN2_BWD_DET=staggered: one dQ accumulator that a
-// head's splits add to in turns, in an order they meet at their own pace because all of them are resident
-// at once. Its splits per head: as many as the resident CTAs allow, at most 32 (at each round's start each
-// thread's turn count goes over the other splits), kept where that fills the SMs about as well as the
-// private slices' count does and gives at least two (one split needs no turns: the slices with one slice
-// are that). Else 0.
-// Not yet measured (written in a session without a GPU): opt-in until its A/B against the slices.
-constexpr int kMaxStaggeredSplits = 32;
-bool staggered_dq_enabled() {
-  char const* mode = std::getenv("FLASH_ATTN2_BWD_DET");
-  return mode != nullptr && std::strcmp(mode, "staggered") == 0;
-}
-int staggered_splits(BwdParams const& p, BwdKernelInfo const& info, int num_sms, int slices_splits) {
-  if (info.det_ctas_per_sm <= 0 || p.mask == MaskMode::kLocal) { return 0; }
-  // Its kernel loads Q and dO by TMA (run_bwd's conditions for that: a fixed-length batch, seqlen_q % 4 ==
-  // 0 and a 16-byte aligned lse, not turned off).
-  char const* tma = std::getenv("FLASH_ATTN2_BWD_DET_TMA");
-  if (p.cu_seqlens_q != nullptr || p.seqlen_q % 4 != 0 || reinterpret_cast<uintptr_t>(p.softmax_lse) % 16 != 0 ||
-      (tma != nullptr && std::strcmp(tma, "0") == 0)) {
-    return 0;
-  }
-  int64_t const heads = int64_t(p.batch) * p.num_heads;
-  int const n_blocks = (p.seqlen_k + info.block_n - 1) / info.block_n;
-  // Its turns are 16-bit, one per query block in shared memory (kStaggeredMaxQueryBlocks).
-  if ((int64_t(p.seqlen_q) + info.block_m - 1) / info.block_m > kStaggeredMaxQueryBlocks || n_blocks > 65535) {
-    return 0;
-  }
-  int64_t const resident = int64_t(info.det_ctas_per_sm) * num_sms;
-  int64_t splits = std::min<int64_t>({resident / std::max<int64_t>(heads, 1), n_blocks, kMaxStaggeredSplits});
-  if (int const forced = positive_env_int("FLASH_ATTN2_BWD_DET_SPLITS"); forced > 0) {
-    splits = std::min<int64_t>(splits, forced);
-  }
-  if (splits < 2) { return 0; }
-  int const sms = std::max(num_sms, 1);
-  // Resident CTAs fill at most `resident` slots: compare per SM slot.
-  double const fill = double(heads * splits) / double(resident);
-  double const slices_fill = wave_fill(heads * slices_splits, sms);
-  return fill + 0.05 >= slices_fill ? int(splits) : 0;
-}
-
 // The ordered mode's chains: key block n adds after key block n - chains, into accumulator slice
 // n % chains (summed by the postprocess). The key blocks of a head start together, so a chain's k-th key
 // block waits about k turn hand-overs (a step each) before its first addition: more chains, less
@@ -370,24 +326,14 @@ Status plan_bwd(BwdParams const& p, BwdPlan& plan) {
   plan.info = plan.kernel->info();
   BwdKernelInfo const& info = plan.info;
   plan.ordered_dq = p.deterministic && info.ordered_dq && ordered_dq_enabled();
-  bool private_slices = p.deterministic && !plan.ordered_dq;
+  bool const private_slices = p.deterministic && !plan.ordered_dq;
   plan.num_splits = choose_splits(p, info.block_n, std::max(num_sms, 1), private_slices);
-  // FLASH_ATTN2_BWD_DET_SPLITS overrides the private slices' splits per head (for A/B), and caps the
-  // staggered mode's.
+  // FLASH_ATTN2_BWD_DET_SPLITS overrides the private slices' splits per head (for A/B).
   if (int const splits = positive_env_int("FLASH_ATTN2_BWD_DET_SPLITS"); private_slices && splits > 0) {
     int const n_blocks = (p.seqlen_k + info.block_n - 1) / info.block_n;
     plan.num_splits = std::max(1, std::min(splits, n_blocks));
   }
-  if (private_slices && info.ordered_dq && staggered_dq_enabled()) {
-    if (int const splits = staggered_splits(p, info, std::max(num_sms, 1), plan.num_splits); splits > 0) {
-      plan.ordered_dq = true;
-      plan.dq_staggered = true;
-      plan.num_splits = splits;
-      private_slices = false;
-    }
-  }
   plan.num_accum_slices = private_slices    ? std::max(plan.num_splits, 1)
-                          : plan.dq_staggered ? 1
                           : plan.ordered_dq ? ordered_dq_chains(plan.num_splits)
                                             : 1;
   int64_t const rows = lse_rows(p);
@@ -436,9 +382,6 @@ Status bwd(BwdParams const& p, cudaStream_t stream) {
   if (plan.ordered_dq) {
     kp.dq_turns = reinterpret_cast<int*>(workspace + plan.dsum_bytes + plan.accum_bytes);
     kp.dq_turn_blocks = plan.dq_turn_blocks;
-    kp.dq_staggered = plan.dq_staggered;
-    // FLASH_ATTN2_BWD_DET_STRIDE: the staggered walks' offset between neighbouring splits (A/B).
-    if (int const stride = positive_env_int("FLASH_ATTN2_BWD_DET_STRIDE"); stride > 0) { kp.dq_staggered_stride = stride; }
   }
   cudaError_t const status = plan.kernel->run(kp, stream);
   if (status != cudaSuccess) {

@@ -22,9 +22,6 @@ struct BwdKernelInfo {
   int head_dim;
   bool bulk_dq;     // the current device runs it with the Hopper bulk dQ reductions (BwdKernelParams::bulk_dq)
   bool ordered_dq;  // and its deterministic mode with the ordered dQ (BwdKernelParams::dq_turns)
-  // CTAs of the deterministic kernel per SM where the staggered mode (BwdKernelParams::dq_staggered) can run
-  // (ordered_dq, no left window edge), else 0.
-  int det_ctas_per_sm;
 };
 template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
 cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream);

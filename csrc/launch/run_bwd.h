@@ -32,35 +32,7 @@ inline bool bulk_dq_available(int smem_bytes) {
   return major >= 9 && smem_bytes <= optin;
 }
 
-// The staggered mode's fallback: one split per head, adding without turns into the one accumulator (as
-// deterministic: each dQ tile then has one writer).
-inline BwdKernelParams alone_without_turns(BwdKernelParams kp) {
-  kp.num_splits = 1;
-  kp.dq_turns = nullptr;
-  kp.dq_staggered = false;
-  return kp;
-}
-
-// How many CTAs of Kernel with smem_bytes of dynamic shared memory one SM of the current device holds (0
-// where the query fails).
-template <class Kernel>
-int bwd_ctas_per_sm(int smem_bytes) {
-  auto kernel = &device_kernel<Kernel, BwdKernelParams>;
-  int n = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Kernel::kNThreads, smem_bytes) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
-
-// The main kernel's launch (its shared memory opt-in, then the grid). The staggered mode
-// (BwdKernelParams::dq_staggered) needs every CTA of the grid resident at once: a cooperative launch, which
-// the runtime refuses rather than run otherwise. The dispatcher sized the grid from the occupancy, so a
-// refusal means the device holds fewer CTAs than it reports (MPS limits, a green context): the kernel then
-// runs with one split per head and no turns, which the workspace (one slice) holds and which is as
-// deterministic, only slower.
+// The main kernel's launch (its shared memory opt-in, then the grid).
 template <class Kernel>
 cudaError_t launch_bwd_main(BwdKernelParams const& kp, int smem_bytes, cudaStream_t stream) {
   auto kernel = &device_kernel<Kernel, BwdKernelParams>;
@@ -68,27 +40,11 @@ cudaError_t launch_bwd_main(BwdKernelParams const& kp, int smem_bytes, cudaStrea
   if (err != cudaSuccess) { return err; }
   int64_t const blocks = int64_t(kp.num_splits) * kp.num_heads * kp.batch;
   if (blocks > INT32_MAX) { return cudaErrorInvalidConfiguration; }
-  if (blocks == 0) { return err; }
-  if (kp.dq_staggered) {
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeCooperative;
-    attribute[0].val.cooperative = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(blocks));
-    config.blockDim = dim3(unsigned(Kernel::kNThreads));
-    config.dynamicSmemBytes = size_t(smem_bytes);
-    config.stream = stream;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    err = cudaLaunchKernelEx(&config, kernel, kp);
-    if (err != cudaErrorCooperativeLaunchTooLarge && err != cudaErrorNotSupported) { return err; }
-    (void)cudaGetLastError();
-    BwdKernelParams const alone = alone_without_turns(kp);
-    kernel<<<dim3(unsigned(int64_t(kp.num_heads) * kp.batch)), Kernel::kNThreads, smem_bytes, stream>>>(alone);
-    return cudaGetLastError();
+  if (blocks > 0) {
+    kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, smem_bytes, stream>>>(kp);
+    err = cudaGetLastError();
   }
-  kernel<<<dim3(unsigned(blocks)), Kernel::kNThreads, smem_bytes, stream>>>(kp);
-  return cudaGetLastError();
+  return err;
 }
 
 template <DType kDType, int kHeadDim, MaskMode kMask, Modifiers kMods>
@@ -117,20 +73,14 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
   //    belong to no sequence, and only the memset gives them their zero gradient.
   // The modifier families and one-stage tiles keep one kernel for both, with private slices.
   constexpr bool kDetKernel = kMods == Modifiers::kPlain && Traits::kStages == 2;
-  // The staggered mode's kernel (BwdKernelParams::dq_staggered): the TMA one, without a left window edge.
-  constexpr bool kStaggeredKernel = kDetKernel && Traits::kTmaQdOCapable && kMask != MaskMode::kLocal;
   if (kDetKernel && params.deterministic) {
-    if (params.dq_turns == nullptr || params.dq_staggered) {
+    if (params.dq_turns == nullptr) {
       char const* walk = std::getenv("FLASH_ATTN2_BWD_DET_WALK");
       char const* store = std::getenv("FLASH_ATTN2_BWD_DET_STORE");
-      // Staggered (BwdKernelParams::dq_staggered): its own rotated walk, the one accumulator zeroed by the
-      // memset below, and the default kernel's placement of the cp.async loads (its tiles mostly come from
-      // L2); the TMA loads below as for the slices.
-      bool const staggered = params.dq_staggered;
-      kp.early_loads = !staggered;
-      kp.det_serpentine = !staggered && (walk == nullptr ? params.num_splits == 1 || kMask == MaskMode::kNone
-                                                        : std::strcmp(walk, "rotate") != 0);
-      kp.dq_store_first = !staggered && kp.bulk_dq && kMask != MaskMode::kLocal && params.cu_seqlens_q == nullptr &&
+      kp.early_loads = true;
+      kp.det_serpentine = walk == nullptr ? params.num_splits == 1 || kMask == MaskMode::kNone
+                                          : std::strcmp(walk, "rotate") != 0;
+      kp.dq_store_first = kp.bulk_dq && kMask != MaskMode::kLocal && params.cu_seqlens_q == nullptr &&
                           (store == nullptr || std::strcmp(store, "add") != 0);
       // tma_qdo: on the bulk path (sm_90) for fixed-length batches (a packed batch's box would run into the
       // next sequence's rows instead of zeros), where the strides allow; FLASH_ATTN2_BWD_DET_TMA=0 turns it
@@ -182,24 +132,8 @@ cudaError_t run_bwd(BwdKernelParams const& params, cudaStream_t stream) {
     if (params.deterministic) {
       // Where the tiles cannot take TMA, the "TMA" kernel is the cp.async one (and kp.tma_qdo is false).
       using TmaKernel = FlashBwdKernelSm80<Traits, kMask, kMods, true, Traits::kTmaQdOCapable>;
-      using CpAsyncKernel = FlashBwdKernelSm80<Traits, kMask, kMods, true>;
-      bool launched = false;
-      if (kp.dq_staggered) {
-        // The dispatcher asks for staggered only where the TMA loads apply (staggered_splits); should the
-        // tensor maps fail to encode, one split per head without turns (what the workspace holds).
-        if constexpr (kStaggeredKernel) {
-          if (kp.tma_qdo) {
-            err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true, true, true>>(
-                kp, Traits::kStaggeredSmemBytes, stream);
-            launched = true;
-          }
-        }
-        if (!launched) { kp = alone_without_turns(kp); }
-      }
-      if (!launched) {
-        err = kp.tma_qdo ? launch_bwd_main<TmaKernel>(kp, smem_bytes, stream)
-                         : launch_bwd_main<CpAsyncKernel>(kp, smem_bytes, stream);
-      }
+      err = kp.tma_qdo ? launch_bwd_main<TmaKernel>(kp, smem_bytes, stream)
+                       : launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);
     } else if (char const* which = std::getenv("FLASH_ATTN2_BWD_KERNEL"); which != nullptr && std::strcmp(which, "det") == 0) {
       err = launch_bwd_main<FlashBwdKernelSm80<Traits, kMask, kMods, true>>(kp, smem_bytes, stream);  // A/B only
     } else {
@@ -223,18 +157,7 @@ BwdKernelInfo bwd_kernel_info() {
   using Traits = BwdTraitsSm80<ElementOf<kDType>, kHeadDim>;
   bool const bulk_dq = Traits::kBulkDqWorthIt && bulk_dq_available(Traits::kBulkDqSmemBytes);
   bool const ordered_dq = bulk_dq && kMods == Modifiers::kPlain && Traits::kStages == 2;
-  // The staggered mode's residency (its kernel: the deterministic one with TMA loads), queried once per
-  // process, as ctas_per_sm is.
-  int det_ctas_per_sm = 0;
-  if constexpr (kMods == Modifiers::kPlain && Traits::kStages == 2 && Traits::kTmaQdOCapable &&
-                kMask != MaskMode::kLocal) {
-    if (ordered_dq) {
-      static int const cached =
-          bwd_ctas_per_sm<FlashBwdKernelSm80<Traits, kMask, kMods, true, true, true>>(Traits::kStaggeredSmemBytes);
-      det_ctas_per_sm = cached;
-    }
-  }
-  return {Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim, bulk_dq, ordered_dq, det_ctas_per_sm};
+  return {Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, Traits::kHeadDim, bulk_dq, ordered_dq};
 }
 
 }  // namespace flash_attn2
