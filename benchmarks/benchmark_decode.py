@@ -19,6 +19,12 @@ without the append (k=None, v=None), its same-work ratio against SDPA alone; and
 the append an SDPA user runs (the token copied into the last row of the (b, h_k, s, d) caches), against which the
 whole-step rows of ours get their same-work ratio (ratio_same_work).
 
+The layouts: ours' caches are flash-attn's (b, s, h_k, d), where the other heads' rows lie between two keys of
+one head (256-byte rows, 2 KB apart at h_k 8, hdim 128); SDPA gets contiguous (b, h_k, s, d) copies, each head's keys one run of
+memory. ours_dense_attn_hsd is ours on SDPA's very tensors (strided views of them), and sdpa_*_bshd is SDPA on
+views of ours' caches (what a caller holding flash-attn's layout would pass it): the same bytes in the same
+layout for both. sdpa_best is the fastest SDPA run without the append, over both layouts.
+
     python benchmarks/benchmark_decode.py
     python benchmarks/benchmark_decode.py --batches 1,8 --seqlens 4096,32768 --num-splits 1 --graph
     python benchmarks/benchmark_decode.py --csv decode.csv --plot decode.png
@@ -128,13 +134,17 @@ def graphed(fn):
     return graph.replay
 
 
-def sdpa_fn(cfg, append=False):
+def head_major_caches(cfg):
+    """The dense caches as contiguous (b, h_k, s, d) copies (SDPA's preferred layout; made outside the timing)."""
+    return tuple(t.transpose(1, 2).contiguous() for t in (cfg["k_cache"], cfg["v_cache"]))
+
+
+def sdpa_fn(cfg, append=False, caches=None):
     """SDPA on the dense cache after the append (ours writes the new token into the last row): q (b, h, 1, d),
-    k and v as contiguous (b, h_k, s, d) copies made outside the timing (SDPA's preferred layout). With
-    `append`, each call first copies the new token into the caches' last row, as a decode step with SDPA does
-    (the same values: the result is unchanged)."""
+    k and v the (b, h_k, s, d) `caches` (head_major_caches). With `append`, each call first copies the new token
+    into the caches' last row, as a decode step with SDPA does (the same values: the result is unchanged)."""
     q = cfg["q"].transpose(1, 2)
-    k, v = (t.transpose(1, 2).contiguous() for t in (cfg["k_cache"], cfg["v_cache"]))
+    k, v = caches if caches is not None else head_major_caches(cfg)
     kwargs = {}
     if TORCH_HAS_ENABLE_GQA:
         kwargs = dict(enable_gqa=True)
@@ -198,10 +208,27 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
     # are held at once (what fits() counts).
     cfg["paged"] = None
     torch.cuda.empty_cache()
-    for append in (False, True):
-        sdpa = sdpa_fn(cfg, append)
-        for backend in (None,) + SDPA_BACKENDS:
-            name = ("sdpa_auto" if backend is None else f"sdpa_{backend.split('_')[0].lower()}") + "_append" * append
+    caches = head_major_caches(cfg)
+    # Ours on the very tensors SDPA reads (strided (b, s, h_k, d) views of them: each head's keys contiguous),
+    # so that the layout of the bytes in memory is the same for both, not only their number.
+    head_major = dict(cfg, k_cache=caches[0].transpose(1, 2), v_cache=caches[1].transpose(1, 2))
+    ours_hm = ours_fn(flash_attn2, head_major, False, args.num_splits, append=False)
+    diff_hm = (ours_hm().float() - want.float()).abs().max().item()
+    if not diff_hm <= CHECK_MAX_ABS_DIFF:
+        print(f"   CHECK FAILED: max |ours on SDPA's layout - SDPA| = {diff_hm:.3e} > {CHECK_MAX_ABS_DIFF}: "
+              "no times for this config")
+        return rows, 1
+    times["ours_dense_attn_hsd"] = measure(do_bench, ours_hm, args)
+    if args.graph:
+        times["ours_dense_attn_hsd_graph"] = measure(do_bench, graphed(ours_hm), args)
+    del ours_hm, head_major
+    # SDPA on its own layout, with and without the append, and on ours: (b, h_k, s, d) views of the
+    # (b, s, h_k, d) caches, what a caller holding flash-attn's cache layout would pass it (suffix _bshd).
+    bshd = tuple(t.transpose(1, 2) for t in (cfg["k_cache"], cfg["v_cache"]))
+    for suffix, sdpa in (("", sdpa_fn(cfg, False, caches)), ("_append", sdpa_fn(cfg, True, caches)),
+                         ("_bshd", sdpa_fn(cfg, False, bshd))):
+        for backend in (None,) + SDPA_BACKENDS[:-1 if suffix == "_bshd" else None]:  # MATH: never the best
+            name = ("sdpa_auto" if backend is None else f"sdpa_{backend.split('_')[0].lower()}") + suffix
             try:
                 with sdpa_context(backend):
                     times[name] = measure(do_bench, sdpa, args)
@@ -209,7 +236,7 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
                 notes[name] = f"unavailable: {str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__}"
                 times[name] = float("nan")
             torch.cuda.empty_cache()
-        del sdpa
+    del bshd
     best = {}
     for append in (False, True):
         finite = [ms for name, ms in times.items()
@@ -223,12 +250,13 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
         whole_step = name.startswith("ours_") and "_attn" not in name
         same_work = best[whole_step] if name.startswith("ours_") else float("nan")
         note = {"ours_dense": f"max |ours - SDPA| {diff:.2e}",
-                "ours_dense_attn": f"max |ours - SDPA| {diff_attn:.2e}"}.get(name, "")
+                "ours_dense_attn": f"max |ours - SDPA| {diff_attn:.2e}",
+                "ours_dense_attn_hsd": f"max |ours - SDPA| {diff_hm:.2e}; SDPA's (b, h_k, s, d) tensors"}.get(name, "")
         rows.append(dict(backend=name, batch=batch, seqlen_cache=seqlen, ms=ms, tb_per_s=bw / 1e12,
                          fraction_of_copy=bw / copy_bw, ratio_vs_sdpa=best[False] / ms if math.isfinite(ms) else math.nan,
                          ratio_same_work=same_work / ms if math.isfinite(ms) else math.nan,
                          note=notes.get(name, note)))
-    del cfg
+    del cfg, caches
     torch.cuda.empty_cache()
     return rows, 0
 
@@ -252,7 +280,8 @@ def plot(rows, args, copy_bw):
         return
     fig, axes = plt.subplots(1, len(args.batches), squeeze=False, figsize=(4.5 * len(args.batches), 3.6))
     for ax, batch in zip(axes[0], args.batches):
-        for backend in ("ours_dense", "ours_dense_attn", "ours_paged", "sdpa_best", "sdpa_best_append"):
+        for backend in ("ours_dense", "ours_dense_attn", "ours_dense_attn_hsd", "ours_paged", "sdpa_best",
+                        "sdpa_best_append"):
             points = sorted((r["seqlen_cache"], r["tb_per_s"]) for r in rows
                             if r["batch"] == batch and r["backend"] == backend)
             if points:
