@@ -60,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--seqlens", default="4096,32768,131072", help="cache lengths (default: %(default)s)")
     parser.add_argument("--num-splits", type=int, default=0, help="ours' num_splits (0: heuristic; default 0)")
     parser.add_argument("--graph", action="store_true", help="also time ours through CUDA graph replay")
+    parser.add_argument("--attn-only", action="store_true",
+                        help="attention alone: ours without the append (both layouts) and SDPA's cuDNN and flash "
+                             "backends on their layout, nothing else (split sweeps)")
     parser.add_argument("--csv", help="write the rows to this CSV file")
     parser.add_argument("--plot", help="write TB/s vs cache length per batch to this PNG (needs matplotlib)")
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms (default: %(default)s)")
@@ -197,10 +200,13 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
         print(f"   CHECK FAILED: max |ours without the append - SDPA| = {diff_attn:.3e} > {CHECK_MAX_ABS_DIFF}: "
               "no times for this config")
         return rows, 1
-    times = {"ours_dense": measure(do_bench, ours_dense, args),
-             "ours_paged": measure(do_bench, ours_fn(flash_attn2, cfg, True, args.num_splits), args),
-             "ours_dense_attn": measure(do_bench, ours_attn, args)}
-    if args.graph:
+    if args.attn_only:
+        times = {"ours_dense_attn": measure(do_bench, ours_attn, args)}
+    else:
+        times = {"ours_dense": measure(do_bench, ours_dense, args),
+                 "ours_paged": measure(do_bench, ours_fn(flash_attn2, cfg, True, args.num_splits), args),
+                 "ours_dense_attn": measure(do_bench, ours_attn, args)}
+    if args.graph and not args.attn_only:
         times["ours_dense_graph"] = measure(do_bench, graphed(ours_dense), args)
         times["ours_paged_graph"] = measure(do_bench, graphed(ours_fn(flash_attn2, cfg, True, args.num_splits)), args)
         times["ours_dense_attn_graph"] = measure(do_bench, graphed(ours_attn), args)
@@ -219,15 +225,19 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
               "no times for this config")
         return rows, 1
     times["ours_dense_attn_hsd"] = measure(do_bench, ours_hm, args)
-    if args.graph:
+    if args.graph and not args.attn_only:
         times["ours_dense_attn_hsd_graph"] = measure(do_bench, graphed(ours_hm), args)
     del ours_hm, head_major
     # SDPA on its own layout, with and without the append, and on ours: (b, h_k, s, d) views of the
     # (b, s, h_k, d) caches, what a caller holding flash-attn's cache layout would pass it (suffix _bshd).
     bshd = tuple(t.transpose(1, 2) for t in (cfg["k_cache"], cfg["v_cache"]))
-    for suffix, sdpa in (("", sdpa_fn(cfg, False, caches)), ("_append", sdpa_fn(cfg, True, caches)),
-                         ("_bshd", sdpa_fn(cfg, False, bshd))):
-        for backend in (None,) + SDPA_BACKENDS[:-1 if suffix == "_bshd" else None]:  # MATH: never the best
+    runs = [("", sdpa_fn(cfg, False, caches))]
+    if not args.attn_only:
+        runs += [("_append", sdpa_fn(cfg, True, caches)), ("_bshd", sdpa_fn(cfg, False, bshd))]
+    for suffix, sdpa in runs:
+        backends = ((None,) + SDPA_BACKENDS[:-1 if suffix == "_bshd" else None] if not args.attn_only
+                    else ("FLASH_ATTENTION", "CUDNN_ATTENTION"))  # MATH: never the best
+        for backend in backends:
             name = ("sdpa_auto" if backend is None else f"sdpa_{backend.split('_')[0].lower()}") + suffix
             try:
                 with sdpa_context(backend):
@@ -236,7 +246,7 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
                 notes[name] = f"unavailable: {str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__}"
                 times[name] = float("nan")
             torch.cuda.empty_cache()
-    del bshd
+    del bshd, runs
     best = {}
     for append in (False, True):
         finite = [ms for name, ms in times.items()
