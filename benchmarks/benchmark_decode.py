@@ -182,6 +182,18 @@ def measure(do_bench, fn, args):
     return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
 
+def max_diff(out, want):
+    return (out.float() - want.float()).abs().max().item()
+
+
+def check_failed(diff, what):
+    """Whether `diff` (max |what - SDPA|) is over the bound (NaN is); if so, says that the config gets no times."""
+    if diff <= CHECK_MAX_ABS_DIFF:
+        return False
+    print(f"   CHECK FAILED: max |{what} - SDPA| = {diff:.3e} > {CHECK_MAX_ABS_DIFF}: no times for this config")
+    return True
+
+
 def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
     torch.manual_seed(args.seed)
     cfg = make_config(batch, seqlen)
@@ -190,15 +202,12 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
     out = ours_dense()  # writes the new token (the same row every call: the timed calls do the same work)
     with torch.no_grad():
         want = sdpa_fn(cfg)().transpose(1, 2)
-    diff = (out.float() - want.float()).abs().max().item()
-    if not diff <= CHECK_MAX_ABS_DIFF:
-        print(f"   CHECK FAILED: max |ours - SDPA| = {diff:.3e} > {CHECK_MAX_ABS_DIFF}: no times for this config")
+    diff = max_diff(out, want)
+    if check_failed(diff, "ours"):
         return rows, 1
     ours_attn = ours_fn(flash_attn2, cfg, False, args.num_splits, append=False)
-    diff_attn = (ours_attn().float() - want.float()).abs().max().item()
-    if not diff_attn <= CHECK_MAX_ABS_DIFF:
-        print(f"   CHECK FAILED: max |ours without the append - SDPA| = {diff_attn:.3e} > {CHECK_MAX_ABS_DIFF}: "
-              "no times for this config")
+    diff_attn = max_diff(ours_attn(), want)
+    if check_failed(diff_attn, "ours without the append"):
         return rows, 1
     if args.attn_only:
         times = {"ours_dense_attn": measure(do_bench, ours_attn, args)}
@@ -219,10 +228,8 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
     # so that the layout of the bytes in memory is the same for both, not only their number.
     head_major = dict(cfg, k_cache=caches[0].transpose(1, 2), v_cache=caches[1].transpose(1, 2))
     ours_hm = ours_fn(flash_attn2, head_major, False, args.num_splits, append=False)
-    diff_hm = (ours_hm().float() - want.float()).abs().max().item()
-    if not diff_hm <= CHECK_MAX_ABS_DIFF:
-        print(f"   CHECK FAILED: max |ours on SDPA's layout - SDPA| = {diff_hm:.3e} > {CHECK_MAX_ABS_DIFF}: "
-              "no times for this config")
+    diff_hm = max_diff(ours_hm(), want)
+    if check_failed(diff_hm, "ours on SDPA's layout"):
         return rows, 1
     times["ours_dense_attn_hsd"] = measure(do_bench, ours_hm, args)
     if args.graph and not args.attn_only:
