@@ -200,8 +200,10 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
     rows, notes = [], {}
     ours_dense = ours_fn(flash_attn2, cfg, False, args.num_splits)
     out = ours_dense()  # writes the new token (the same row every call: the timed calls do the same work)
+    # SDPA on (b, h_k, s, d) views of ours' caches: the reference needs no copy of them.
+    bshd = tuple(t.transpose(1, 2) for t in (cfg["k_cache"], cfg["v_cache"]))
     with torch.no_grad():
-        want = sdpa_fn(cfg)().transpose(1, 2)
+        want = sdpa_fn(cfg, caches=bshd)().transpose(1, 2)
     diff = max_diff(out, want)
     if check_failed(diff, "ours"):
         return rows, 1
@@ -209,18 +211,19 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
     diff_attn = max_diff(ours_attn(), want)
     if check_failed(diff_attn, "ours without the append"):
         return rows, 1
+    graph = args.graph and not args.attn_only
     if args.attn_only:
         times = {"ours_dense_attn": measure(do_bench, ours_attn, args)}
     else:
         times = {"ours_dense": measure(do_bench, ours_dense, args),
                  "ours_paged": measure(do_bench, ours_fn(flash_attn2, cfg, True, args.num_splits), args),
                  "ours_dense_attn": measure(do_bench, ours_attn, args)}
-    if args.graph and not args.attn_only:
+    if graph:
         times["ours_dense_graph"] = measure(do_bench, graphed(ours_dense), args)
         times["ours_paged_graph"] = measure(do_bench, graphed(ours_fn(flash_attn2, cfg, True, args.num_splits)), args)
         times["ours_dense_attn_graph"] = measure(do_bench, graphed(ours_attn), args)
     # SDPA's (b, h_k, s, d) copies of the dense caches take the paged copy's place: at most two caches' bytes
-    # are held at once (what fits() counts).
+    # are held at once (what fits() counts; the reference above read views).
     cfg["paged"] = None
     torch.cuda.empty_cache()
     caches = head_major_caches(cfg)
@@ -232,18 +235,18 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
     if check_failed(diff_hm, "ours on SDPA's layout"):
         return rows, 1
     times["ours_dense_attn_hsd"] = measure(do_bench, ours_hm, args)
-    if args.graph and not args.attn_only:
+    if graph:
         times["ours_dense_attn_hsd_graph"] = measure(do_bench, graphed(ours_hm), args)
     del ours_hm, head_major
-    # SDPA on its own layout, with and without the append, and on ours: (b, h_k, s, d) views of the
-    # (b, s, h_k, d) caches, what a caller holding flash-attn's cache layout would pass it (suffix _bshd).
-    bshd = tuple(t.transpose(1, 2) for t in (cfg["k_cache"], cfg["v_cache"]))
-    runs = [("", sdpa_fn(cfg, False, caches))]
-    if not args.attn_only:
-        runs += [("_append", sdpa_fn(cfg, True, caches)), ("_bshd", sdpa_fn(cfg, False, bshd))]
-    for suffix, sdpa in runs:
-        backends = ((None,) + SDPA_BACKENDS[:-1 if suffix == "_bshd" else None] if not args.attn_only
-                    else ("FLASH_ATTENTION", "CUDNN_ATTENTION"))  # MATH: never the best
+    # SDPA on its own layout, with and without the append, and on ours' (the views `bshd`: what a caller
+    # holding flash-attn's cache layout would pass it; suffix _bshd). (suffix, step, backends; None: auto)
+    if args.attn_only:
+        runs = [("", sdpa_fn(cfg, False, caches), ("FLASH_ATTENTION", "CUDNN_ATTENTION"))]
+    else:
+        every = (None,) + SDPA_BACKENDS
+        runs = [("", sdpa_fn(cfg, False, caches), every), ("_append", sdpa_fn(cfg, True, caches), every),
+                ("_bshd", sdpa_fn(cfg, False, bshd), every[:-1])]  # MATH (last): never the best
+    for suffix, sdpa, backends in runs:
         for backend in backends:
             name = ("sdpa_auto" if backend is None else f"sdpa_{backend.split('_')[0].lower()}") + suffix
             try:
