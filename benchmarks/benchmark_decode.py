@@ -61,8 +61,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-splits", type=int, default=0, help="ours' num_splits (0: heuristic; default 0)")
     parser.add_argument("--graph", action="store_true", help="also time ours through CUDA graph replay")
     parser.add_argument("--attn-only", action="store_true",
-                        help="attention alone: ours without the append (both layouts) and SDPA's cuDNN and flash "
-                             "backends on their layout, nothing else (split sweeps)")
+                        help="attention alone: ours without the append (dense on both layouts, and paged) and SDPA's "
+                             "cuDNN and flash backends on their layout, nothing else (split and tile sweeps)")
     parser.add_argument("--csv", help="write the rows to this CSV file")
     parser.add_argument("--plot", help="write TB/s vs cache length per batch to this PNG (needs matplotlib)")
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms (default: %(default)s)")
@@ -213,7 +213,9 @@ def run_config(flash_attn2, do_bench, args, batch, seqlen, copy_bw):
         return rows, 1
     graph = args.graph and not args.attn_only
     if args.attn_only:
-        times = {"ours_dense_attn": measure(do_bench, ours_attn, args)}
+        times = {"ours_dense_attn": measure(do_bench, ours_attn, args),
+                 "ours_paged_attn": measure(do_bench, ours_fn(flash_attn2, cfg, True, args.num_splits, append=False),
+                                            args)}
     else:
         times = {"ours_dense": measure(do_bench, ours_dense, args),
                  "ours_paged": measure(do_bench, ours_fn(flash_attn2, cfg, True, args.num_splits), args),
