@@ -10,6 +10,8 @@ Build variables (all optional):
     FLASH_ATTN2_MODIFIERS      modifier families of "plain,softcap,alibi,mod" (default: all); "mod" (softcap,
                                ALiBi, dropout in any combination) also serves softcap and ALiBi calls.
     FLASH_ATTN2_PTXAS_VERBOSE  "1": ptxas reports registers, shared memory and spills per kernel.
+    FLASH_ATTN2_KVCACHE_EVICT_FIRST  "1": the KV-cache kernels load K and V with an L2 evict-first policy
+                               (an A/B switch, not yet measured: benchmarks/PERF_LOG.md).
     MAX_JOBS                   compiler processes run at once (read by torch's ninja build).
     CUDA_HOME                  CUDA toolkit root; found automatically (third_party/find_cuda.py).
     CUTLASS_DIR                a CUTLASS checkout; default: the nvidia-cutlass pip package
@@ -157,6 +159,8 @@ def nvcc_flags(archs):
     flags = NVCC_FLAGS + gencode_flags(archs)
     if os.environ.get("FLASH_ATTN2_PTXAS_VERBOSE") == "1":
         flags.append("-Xptxas=-v")
+    if os.environ.get("FLASH_ATTN2_KVCACHE_EVICT_FIRST") == "1":
+        flags.append("-DFLASH_ATTN2_KVCACHE_EVICT_FIRST=1")
     return flags
 
 

@@ -9,6 +9,12 @@
 #include "collective/sm80_layouts.h"
 #include "common/tile_config.h"
 
+// FLASH_ATTN2_KVCACHE_EVICT_FIRST=1 (setup.py sets it from the build variable of that name): the KV-cache kernels'
+// loads carry an L2 evict-first policy (Sm80CpAsyncEvictFirstZfill). An A/B switch until measured.
+#ifndef FLASH_ATTN2_KVCACHE_EVICT_FIRST
+#define FLASH_ATTN2_KVCACHE_EVICT_FIRST 0
+#endif
+
 namespace flash_attn2 {
 
 using namespace cute;
@@ -60,7 +66,7 @@ struct FwdTraitsSm80 {
   using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
   using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
 
-  using GmemCopy = Sm80GmemCopy<Element, kHeadDim, kNThreads>;
+  using GmemCopy = Sm80GmemCopy<Element, kHeadDim, kNThreads, kKVCache && FLASH_ATTN2_KVCACHE_EVICT_FIRST != 0>;
   using GmemTiledCopyQKV = typename GmemCopy::Load;
   using GmemTiledCopyO = typename GmemCopy::Store;
   static_assert(kBlockM % GmemCopy::kRowsPerPass == 0, "the Q copy must tile block_m");
