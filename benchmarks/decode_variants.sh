@@ -9,7 +9,9 @@
 #   bash benchmarks/decode_variants.sh main=64,64,4,3 deep=64,64,4,6 ef=64,64,4,3,ef
 # A spec is block_m,block_n,warps,stages with ",ef" to add the evict-first loads. Environment: ROUNDS (default
 # 2), DECODE_ARGS (default: --batches 1,8,64 --seqlens 4096,32768,131072 --rep 50 --warmup 10), READ_FLUSH
-# (default 1), MASKS (the kvcache masks each variant builds; default none). Results: $OUT/decode_variants.tgz
+# (default 1), MASKS (the kvcache masks each variant builds; default none), TEST_VARIANTS (names whose build then
+# runs tests/test_kvcache_gpu.py; build them with MASKS=none,causal,local for the whole file, as the other masks'
+# tests skip). Results: $OUT/decode_variants.tgz
 # (per variant and round the CSV and log; summary.txt: decode_variants_summary.py's table).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -65,6 +67,12 @@ done
 if [ "${READ_FLUSH:-1}" = 1 ]; then
   for name in "${names[@]}"; do bench "$name" read --flush read; done
 fi
+for name in ${TEST_VARIANTS:-}; do
+  s=$SECONDS
+  (cd "/tmp/dv/$name" && PYTHONPATH="$SITE:/tmp/dv/$name" python3 -m pytest -q -p no:cacheprovider \
+     tests/test_kvcache_gpu.py > "$OUT_DIR/tests_$name.log" 2>&1)
+  echo "tests $name rc=$? $((SECONDS - s))s: $(tail -n 1 "$OUT_DIR/tests_$name.log")"
+done
 python3 benchmarks/decode_variants_summary.py "$OUT_DIR" "${names[@]}" | tee "$OUT_DIR/summary.txt"
 # PyTorch's warnings carry the device machine's paths: drop them before the logs leave it.
 for log in "$OUT_DIR"/*.log; do grep -v "Warning\|warnings.warn" "$log" > "$log.tmp" && mv "$log.tmp" "$log"; done
